@@ -75,7 +75,9 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh size may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(
+            f"at most one mesh size may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if known <= 0 or len(devices) % known:
