@@ -1,0 +1,114 @@
+"""Cached generation: equals transformers' greedy generate and the full forward; pads after EOS."""
+
+import _hf_fixtures as fx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from sevjax import models
+from sevjax.generate import _generate, generate
+from sevjax.models import layers
+
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """kind -> (torch model, our model)."""
+    out = {}
+    for kind, tm in (("gpt2", fx.gpt2()), ("llama", fx.llama("llama"))):
+        m, _ = models.load_pretrained(fx.save(tm, tmp_path_factory.mktemp(kind)))
+        out[kind] = (tm, m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    ids, mask, _ = fx.left_padded_batch(batch=3, length=8, seed=3)
+    return ids, mask
+
+
+def hf_greedy(tm, ids, mask, eos):
+    with torch.no_grad():
+        out = tm.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=eos,
+        )[:, ids.shape[1] :].numpy()
+    return np.pad(out, ((0, 0), (0, NEW - out.shape[1])))  # HF stops once every row is done
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_greedy_equals_transformers_generate(kind, pairs, prompts):
+    tm, m = pairs[kind]
+    ids, mask = prompts
+    ours = np.asarray(generate(m, ids, mask, max_new_tokens=NEW, eos_token_id=None))
+    assert ours.shape == (3, NEW) and ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, hf_greedy(tm, ids, mask, eos=None))
+    # Ending on a token seen mid-way in row 0: that row is padded afterwards, like transformers.
+    eos = int(ours[0, 5])
+    with_eos = np.asarray(generate(m, ids, mask, max_new_tokens=NEW, eos_token_id=eos))
+    np.testing.assert_array_equal(with_eos, hf_greedy(tm, ids, mask, eos=eos))
+    first = int(np.argmax(ours[0] == eos))
+    assert (with_eos[0, first + 1 :] == 0).all() and with_eos[0, first] == eos
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cached_decode_logits_equal_full_forward(kind, pairs, prompts):
+    _, m = pairs[kind]
+    ids, mask = prompts
+    new = np.asarray(generate(m, ids, mask, max_new_tokens=4))
+    full_ids = jnp.asarray(np.concatenate([ids, new], axis=1))
+    full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(new)], axis=1))
+    full = np.asarray(m(full_ids, full_mask))  # (B, P + 4, V)
+    b, p = ids.shape
+    total = p + 4
+    key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(jnp.asarray(mask))
+    positions = layers.default_positions(full_mask)
+    h, cache = m.cached_hidden(
+        jnp.asarray(ids), positions[:, :p], key_valid, m.init_cache(b, total), jnp.int32(0)
+    )
+    steps = [layers.project_logits(h, *m.head())]
+    for i in range(3):
+        key_valid = key_valid.at[:, p + i].set(1)
+        col = slice(p + i, p + i + 1)
+        h, cache = m.cached_hidden(full_ids[:, col], positions[:, col], key_valid, cache, p + i)
+        steps.append(layers.project_logits(h, *m.head()))
+    cached = np.concatenate([np.asarray(s) for s in steps], axis=1)  # (B, P + 3, V)
+    valid = np.asarray(full_mask[:, : p + 3]).astype(bool)
+    assert np.abs(cached - full[:, : p + 3])[valid].max() <= 1e-5
+
+
+def test_compiles_once_per_shape(pairs, prompts):
+    _, m = pairs["gpt2"]
+    ids, mask = prompts
+    generate(m, ids, mask, max_new_tokens=NEW)
+    before = _generate._cache_size()
+    other = (ids + 1) * mask
+    generate(m, other, mask, max_new_tokens=NEW)
+    generate(m, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=NEW)
+    assert _generate._cache_size() == before
+
+
+def test_sampling(pairs, prompts):
+    _, m = pairs["llama"]
+    ids, mask = prompts
+    greedy = np.asarray(generate(m, ids, mask, max_new_tokens=8))
+    rng = jax.random.key(7)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        out = generate(m, ids, mask, max_new_tokens=8, temperature=1.0, rng=rng, **kw)
+        np.testing.assert_array_equal(np.asarray(out), greedy)
+    a = generate(m, ids, mask, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, rng=rng)
+    b = generate(m, ids, mask, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, rng=rng)
+    c = generate(m, ids, mask, max_new_tokens=8, temperature=5.0, rng=jax.random.key(8))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(c), greedy)
+    with pytest.raises(ValueError, match="rng"):
+        generate(m, ids, mask, max_new_tokens=8, temperature=1.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, ids, mask, max_new_tokens=0)
