@@ -16,14 +16,13 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models.layers import Dense, Embed, LayerNorm, activation
+from sevjax.models.layers import Dense, Embed, LayerNorm, activation, dot_product_attention
 from sevjax.sharding import constrain
 
 HF_ARCHITECTURE = "BertForSequenceClassification"
@@ -181,11 +180,7 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertSelfAttention(nnx.Module):
-    """Bidirectional multi-head attention with a key padding mask; softmax in float32.
-
-    The score/softmax math mirrors ``layers.dot_product_attention``, which has no hook for
-    dropout on the attention probabilities that BERT training applies; hence the local copy.
-    """
+    """Bidirectional multi-head attention with a key padding mask; softmax in float32."""
 
     def __init__(self, cfg: BertConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         D, std = cfg.hidden_size, cfg.initializer_range
@@ -205,14 +200,10 @@ class BertSelfAttention(nnx.Module):
         q = self.query(x).reshape(B, T, N, H)  # (B, T, N, H)
         k = self.key(x).reshape(B, T, N, H)  # (B, T, N, H)
         v = self.value(x).reshape(B, T, N, H)  # (B, T, N, H)
-        scores = jnp.einsum(
-            "bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32
-        )  # (B, N, T, T)
-        scores = scores * (1.0 / math.sqrt(H))
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype))
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(B, T, D)  # (B, T, D)
-        return self.output(out)
+        out = dot_product_attention(
+            q, k, v, mask[:, None, None, :], dtype=self.dtype, probs_dropout=self.dropout
+        )  # (B, T, N, H)
+        return self.output(out.reshape(B, T, D))  # (B, T, D)
 
 
 class BertLayer(nnx.Module):

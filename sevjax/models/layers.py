@@ -157,6 +157,7 @@ def dot_product_attention(
     *,
     dtype: Dtype = jnp.float32,
     scale: float | None = None,
+    probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Multi-head attention with grouped KV heads and a float32 softmax.
 
@@ -168,6 +169,7 @@ def dot_product_attention(
           A row with no True entry gets uniform weights (never NaN).
         dtype: compute dtype of the two matmuls and the output.
         scale: score scale, default ``1/sqrt(H)``.
+        probs_dropout: applied to the attention probabilities (BERT's attention dropout).
 
     Returns:
         [B, T, N, H] in ``dtype``.
@@ -186,6 +188,8 @@ def dot_product_attention(
         mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # (B, 1, 1, T, S)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    if probs_dropout is not None:
+        probs = probs_dropout(probs)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dtype))  # (B, T, K, G, H)
     return out.reshape(b, t, n, h)  # (B, T, N, H)
 
