@@ -1,0 +1,208 @@
+"""sevjax.classify: metrics, a "has a pulse" train/evaluate/annotate run, export, the F1 bound."""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sevjax import classify as C
+from sevjax.config import load
+from sevjax.data import EMBEDDED_PATH, load_examples
+from sevjax.loss import SEVERITIES, validate_severity_probs
+
+ROOT = Path(__file__).resolve().parents[1]
+# One run serves every test below: small enough for shared CPUs (width 64, seq 64, vocab 512),
+# long enough to learn (12 epochs, early stopping after 4 without a better validation F1).
+TINY = [
+    "epochs=12",
+    "patience=4",
+    "model.mlp=128",
+    "model.vocab_size=512",
+    "model.max_length=64",
+    "optim.warmup_steps=20",
+]
+# Measured with TINY on the 8 fake CPU devices of the test setup: validation macro-F1 against
+# gold MEASURED_F1; majority-class baseline 0.167. The bound keeps a margin for other CPUs.
+MEASURED_F1 = 0.603
+F1_BOUND = 0.45
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def test_label_metrics_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    m = C.label_metrics(y, pred)
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-12)
+    # per class: P = (1/2, 2/3, 1), R = (1/2, 1, 1/2), F1 = (1/2, 4/5, 2/3)
+    assert m["per_class"]["moderate"]["f1"] == pytest.approx(0.8, abs=1e-12)
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3, abs=1e-12)
+    assert C.majority_baseline(np.array([2, 2, 1]), y) == pytest.approx((0 + 0 + 0.5) / 3)
+
+
+def test_prob_metrics_and_ece_by_hand():
+    probs = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    y = np.array([0, 1, 1, 2])
+    m = C.prob_metrics(probs, y, bins=15)
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.3, 0.7, 0.8])), abs=1e-12)
+    brier = np.mean([0.01 + 0.0025 * 2, 0.36 + 0.49 + 0.01, 0.04 + 0.09 + 0.01, 0.01 * 2 + 0.04])
+    assert m["brier"] == pytest.approx(brier, abs=1e-12)
+    # bins: 0.9 -> 13 (right), 0.6 -> 9 (wrong), 0.7 -> 10 (right), 0.8 -> 12 (right)
+    ece = (abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.7) + abs(1 - 0.8)) / 4
+    assert m["ece"] == pytest.approx(ece, abs=1e-12)
+
+
+def test_fit_temperature_recovers_the_generating_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(20000, 3)) * 3
+    y = np.array([rng.choice(3, p=p) for p in C.softmax(logits / 2.0)])
+    assert C.fit_temperature(logits, y) == pytest.approx(2.0, rel=0.05)
+
+
+# ------------------------------------------------------------------------------ pulse run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("classify")
+    cfg = load(C.ClassifyConfig, None, [f"run_dir={run_dir}", *TINY])
+    return cfg, C.run(cfg)
+
+
+def test_run_has_a_pulse(trained):
+    cfg, summary = trained
+    run_dir = Path(cfg.run_dir)
+    assert 1 <= summary["epochs_run"] <= 12 and summary["val_labels"] == "gold"
+    assert all(np.isfinite(h["loss"]) for h in summary["history"])
+    assert 0.0 <= summary["val_macro_f1"] <= 1.0 and summary["temperature"] > 0
+    for name in ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "calibration.json"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "checkpoints").iterdir())
+    hf_config = json.loads((run_dir / "hf/config.json").read_text())
+    assert hf_config["architectures"] == ["BertForSequenceClassification"]
+    assert [hf_config["id2label"][str(i)] for i in range(3)] == list(SEVERITIES)
+
+
+def test_export_matches_transformers(trained):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg, _ = trained
+    hf_dir = Path(cfg.run_dir) / "hf"
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = [ex["complaint"] for ex in load_examples()[:4]]
+    enc = C.encode(tokenizer, [{"complaint": t} for t in texts], "complaint", 64)
+    _, steps, _, _ = C._load_trained(cfg)
+    ours = C.predict_logits(steps, steps.params, enc, 16)
+    torch_model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        ref = torch_model(
+            input_ids=torch.tensor(enc["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(enc["attention_mask"], dtype=torch.long),
+        ).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_writes_metrics_and_diagram(trained):
+    cfg, _ = trained
+    result = C.evaluate(cfg)
+    for split in ("validation", "test"):
+        for kind in ("raw", "calibrated"):
+            m = result[split][kind]
+            assert {"accuracy", "macro_f1", "per_class", "confusion", "nll", "brier", "ece"} <= set(
+                m
+            )
+        # temperature fitted on validation cannot raise the validation NLL
+        assert (
+            result["validation"]["calibrated"]["nll"] <= result["validation"]["raw"]["nll"] + 1e-9
+        )
+    run_dir = Path(cfg.run_dir)
+    assert json.loads((run_dir / "eval.json").read_text())["labels"] == "gold"
+    assert (run_dir / "reliability.png").stat().st_size > 1000
+    assert "| validation | calibrated |" in (run_dir / "eval.md").read_text()
+
+
+def test_annotate_writes_valid_probabilities_and_refuses_overwrite(trained, tmp_path):
+    cfg, _ = trained
+    digest = hashlib.sha256(EMBEDDED_PATH.read_bytes()).hexdigest()
+    out = tmp_path / "annotated.jsonl"
+    cfg_out = load(C.ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={out}"])
+    assert C.annotate(cfg_out) == out
+    rows = load_examples(out)
+    probs = validate_severity_probs(np.array([[r[f"p_{s}"] for s in SEVERITIES] for r in rows]))
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    raw = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert all(
+        r["severity_pred"] == SEVERITIES[int(np.argmax([r[f"p_{s}"] for s in SEVERITIES]))]
+        for r in raw
+    )
+    assert len(rows) == len(load_examples())
+    assert hashlib.sha256(EMBEDDED_PATH.read_bytes()).hexdigest() == digest
+
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        C.annotate(cfg_out)
+    assert out.read_bytes() == before
+    C.annotate(
+        load(
+            C.ClassifyConfig,
+            None,
+            [f"run_dir={cfg.run_dir}", *TINY, f"output={out}", "overwrite=true"],
+        )
+    )
+
+    pq = tmp_path / "annotated.parquet"
+    C.annotate(load(C.ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={pq}"]))
+    assert len(load_examples(pq)) == len(rows)
+    same = [f"run_dir={cfg.run_dir}", f"data.path={out}", f"output={out}", "overwrite=true"]
+    with pytest.raises(ValueError, match="is the input file"):
+        C.annotate(load(C.ClassifyConfig, None, same))
+
+
+def test_entry_script(trained, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("classify_script", ROOT / "classify.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([]) == 2
+    assert script.main(["train", "--set", "epochz=3"]) == 2
+    assert "unknown config key 'epochz'" in capsys.readouterr().err
+    cfg, _ = trained
+    out = tmp_path / "a.jsonl"
+    out.write_text("{}\n")
+    assert (
+        script.main(["annotate", "--set", f"run_dir={cfg.run_dir}", "--set", f"output={out}"]) == 1
+    )
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == "{}\n"
+
+
+def test_ensure_annotated_trains_once(tmp_path, trained):
+    cfg, _ = trained
+    run_dir = tmp_path / "lm_run"
+    # Reuse the trained classifier: ensure_annotated only annotates when it finds one.
+    (run_dir / "severity_classifier").parent.mkdir(parents=True)
+    (run_dir / "severity_classifier").symlink_to(Path(cfg.run_dir), target_is_directory=True)
+    path = C.ensure_annotated(run_dir, load(C.ClassifyConfig, None, TINY))
+    assert path == run_dir / "annotated.jsonl" and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert C.ensure_annotated(run_dir) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_validation_f1_clearly_above_majority_baseline(trained):
+    cfg, summary = trained
+    result = (
+        json.loads((Path(cfg.run_dir) / "eval.json").read_text())
+        if (Path(cfg.run_dir) / "eval.json").is_file()
+        else C.evaluate(cfg)
+    )
+    baseline = result["baseline_macro_f1"]["validation"]
+    assert baseline == pytest.approx(1 / 6, abs=1e-9)  # balanced classes: F1 0.5 on one of 3
+    assert summary["val_macro_f1"] >= F1_BOUND > baseline + 0.15
+    assert result["validation"]["raw"]["macro_f1"] == pytest.approx(
+        summary["val_macro_f1"], abs=1e-9
+    )
