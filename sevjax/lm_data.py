@@ -1,0 +1,455 @@
+"""Language-model data: prompt template, tokenization, bucketing, packing and batching.
+
+Each example becomes one token sequence ``[bos] prompt response eos``; only response tokens and
+the EOS carry loss. Batches are NumPy dicts of ``[A, B, T]`` arrays (A micro-batches for gradient
+accumulation, B rows, T a bucketed length), always with ``segment_ids`` and ``positions`` so that
+packed and unpacked rows go through one model call:
+
+- ``input_ids``, ``labels`` (already shifted: ``labels[t]`` is the target of ``input_ids[t]``),
+  ``positions`` (restart at 0 per segment), ``segment_ids`` (0 = padding, 1..n = example in row),
+  int32;
+- ``loss_mask`` (1 on response tokens and EOS), ``weights`` (the example's severity weight on
+  each of its tokens), float32;
+- ``severity`` (class index 0..2 of the example on each of its tokens, -1 on padding), int32.
+
+The iterator is a pure function of ``(epoch, index)``: the order of an epoch is a permutation
+drawn from ``(seed, epoch)``, and ``index`` counts the examples of that permutation already used,
+so saving the two integers in a checkpoint resumes the data stream exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sevjax import loss as sevloss
+from sevjax.config import TrainConfig
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "loss_mask", "weights", "severity")
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path | None = None):
+    """Trains a byte-level BPE tokenizer deterministically and wraps it for ``transformers``.
+
+    Special tokens are ``<pad>`` (id 0), ``<s>`` (1) and ``</s>`` (2); ``tokenizer(text)`` prepends
+    ``<s>`` (``add_special_tokens=False`` does not). The same texts in the same order always give
+    the same vocabulary and merges.
+
+    Args:
+        texts: training corpus.
+        vocab_size: target vocabulary size (at least 256 bytes + 3 special tokens).
+        out_dir: when given, the tokenizer is saved there with ``save_pretrained``.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` with bos/eos/pad set.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 259:
+        raise ValueError(
+            f"BPE vocab_size must be >= 259 (256 bytes + 3 specials), got {vocab_size}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    # tokenizer(text) starts with <s> like our prompts, so HF pipelines see the training format
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    if out_dir is not None:
+        wrapped.save_pretrained(str(out_dir))
+    return wrapped
+
+
+def format_example(
+    tokenizer: Any, complaint: str, response: str, *, template: str, chat_template: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the response (response ends with EOS).
+
+    With ``chat_template`` and a tokenizer that has one, the prompt is the user turn plus the
+    generation prompt and the response is the rest of the rendered conversation. Otherwise the
+    prompt is ``template.format(complaint=...)`` preceded by BOS when the tokenizer has one.
+
+    Returns:
+        ``(prompt_ids, response_ids)``.
+    """
+    eos = tokenizer.eos_token_id
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": complaint}]
+        prompt_text = tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=False
+        )
+        full_text = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full_text.startswith(prompt_text):
+            raise ValueError(
+                "the tokenizer's chat template does not extend the prompt; "
+                "set data.chat_template=false"
+            )
+        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        answer = tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
+    else:
+        prompt = tokenizer.encode(template.format(complaint=complaint), add_special_tokens=False)
+        if tokenizer.bos_token_id is not None:
+            prompt = [tokenizer.bos_token_id] + prompt
+        answer = tokenizer.encode(response, add_special_tokens=False)
+    if eos is not None and (not answer or answer[-1] != eos):
+        answer = answer + [eos]
+    return prompt, answer
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Tokenized examples: ``tokens[i]`` int32 ``[L_i + 1]``, loss from position ``starts[i]``."""
+
+    tokens: list[np.ndarray]
+    starts: np.ndarray  # [N] int: index of the first response token in tokens[i]
+    weights: np.ndarray  # [N] float32 severity weights
+    severity: np.ndarray  # [N] int32 class index
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def length(self, i: int) -> int:
+        """Model input length of example ``i`` (its tokens minus the last)."""
+        return len(self.tokens[i]) - 1
+
+
+def encode_examples(
+    examples: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    weights: np.ndarray,
+    severity: np.ndarray,
+    *,
+    template: str,
+    chat_template: bool,
+    max_length: int,
+    name: str = "train",
+) -> Encoded:
+    """Tokenizes examples, truncating each to ``max_length`` model inputs (a printed count).
+
+    Examples left with no response token after truncation are dropped (also counted).
+
+    Args:
+        examples: dicts with ``complaint`` and ``response``.
+        tokenizer: a ``transformers`` tokenizer.
+        weights: ``[N]`` float32 severity weight per example.
+        severity: ``[N]`` int class index per example.
+        template, chat_template: see :func:`format_example`.
+        max_length: T_max, the longest model input (the sequence holds ``T_max + 1`` tokens).
+        name: split name for the printed summary.
+    """
+    tokens, starts, keep = [], [], []
+    truncated = dropped = 0
+    for i, ex in enumerate(examples):
+        prompt, answer = format_example(
+            tokenizer,
+            ex["complaint"],
+            ex["response"],
+            template=template,
+            chat_template=chat_template,
+        )
+        seq = prompt + answer
+        if len(seq) > max_length + 1:
+            truncated += 1
+            seq = seq[: max_length + 1]
+        if len(prompt) >= len(seq):  # no target left after the prompt
+            dropped += 1
+            continue
+        tokens.append(np.asarray(seq, np.int32))
+        starts.append(len(prompt))
+        keep.append(i)
+    if truncated or dropped:
+        print(
+            f"[data] {name}: truncated {truncated} of {len(examples)} examples to "
+            f"{max_length} tokens; dropped {dropped} with no response token left"
+        )
+    if not tokens:
+        raise ValueError(f"{name}: no example has a response token within max_length={max_length}")
+    keep = np.asarray(keep, np.int64)
+    return Encoded(
+        tokens,
+        np.asarray(starts, np.int64),
+        np.asarray(weights, np.float32)[keep],
+        np.asarray(severity, np.int32)[keep],
+    )
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket ``>= n``."""
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
+
+
+def _empty(rows: int, t: int) -> dict[str, np.ndarray]:
+    out = {k: np.zeros((rows, t), np.int32) for k in BATCH_KEYS}
+    out["loss_mask"] = np.zeros((rows, t), np.float32)
+    out["weights"] = np.zeros((rows, t), np.float32)
+    out["severity"] = np.full((rows, t), -1, np.int32)
+    return out
+
+
+def _place(out: dict[str, np.ndarray], row: int, col: int, seg: int, data: Encoded, i: int):
+    """Writes example ``i`` into ``out[row, col:col+L]`` as segment ``seg``."""
+    seq = data.tokens[i]
+    n = len(seq) - 1
+    sl = slice(col, col + n)
+    out["input_ids"][row, sl] = seq[:-1]
+    out["labels"][row, sl] = seq[1:]
+    out["positions"][row, sl] = np.arange(n)
+    out["segment_ids"][row, sl] = seg
+    # labels[t] = seq[t + 1] is a response token (or EOS) when t + 1 >= start
+    out["loss_mask"][row, sl] = (np.arange(1, n + 1) >= data.starts[i]).astype(np.float32)
+    out["weights"][row, sl] = data.weights[i]
+    out["severity"][row, sl] = data.severity[i]
+
+
+def rows_to_batch(data: Encoded, rows: Sequence[Sequence[int]], t: int) -> dict[str, np.ndarray]:
+    """Builds ``[len(rows), t]`` arrays; each row holds the listed examples one after another."""
+    out = _empty(len(rows), t)
+    for r, members in enumerate(rows):
+        col = 0
+        for seg, i in enumerate(members, start=1):
+            _place(out, r, col, seg, data, i)
+            col += data.length(i)
+    return out
+
+
+class Batcher:
+    """Deterministic, resumable batches over :class:`Encoded` examples.
+
+    Args:
+        data: the encoded training set.
+        batch_size: rows per micro-batch (B).
+        accum: micro-batches per step (A).
+        buckets: allowed padded lengths T; each step uses the smallest bucket that fits.
+        pack: put several examples per row (rows of the largest bucket).
+        seed: shuffling seed; epoch ``e`` uses ``default_rng([seed, e]).permutation``.
+    """
+
+    def __init__(
+        self,
+        data: Encoded,
+        *,
+        batch_size: int,
+        accum: int,
+        buckets: Sequence[int],
+        pack: bool,
+        seed: int,
+    ):
+        self.data, self.batch_size, self.accum = data, batch_size, accum
+        self.buckets, self.pack, self.seed = tuple(sorted(buckets)), pack, seed
+        self.rows = batch_size * accum
+        longest = max(data.length(i) for i in range(len(data)))
+        if longest > self.buckets[-1]:
+            raise ValueError(f"an example has {longest} tokens, above the largest bucket")
+        if not pack and len(data) < self.rows:
+            raise ValueError(
+                f"the training set has {len(data)} examples, fewer than one step's "
+                f"batch_size x grad_accum = {self.rows}"
+            )
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example order of ``epoch``."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+
+    def batch_at(self, epoch: int, index: int) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+        """The step that starts at ``(epoch, index)`` and the position after it.
+
+        Returns:
+            ``(batch, (epoch, index))`` with batch arrays shaped ``[A, B, T]``.
+        """
+        order = self.order(epoch)
+        if self.pack:
+            rows, index = self._pack(order, index)
+        else:
+            if index + self.rows > len(order):  # drop the epoch's incomplete tail
+                epoch, index = epoch + 1, 0
+                order = self.order(epoch)
+            rows = [[int(i)] for i in order[index : index + self.rows]]
+            index += self.rows
+        longest = max(sum(self.data.length(i) for i in r) for r in rows if r)
+        t = bucket_length(longest, self.buckets)
+        flat = rows_to_batch(self.data, rows, t)
+        batch = {k: v.reshape(self.accum, self.batch_size, t) for k, v in flat.items()}
+        if index >= len(order):
+            epoch, index = epoch + 1, 0
+        return batch, (epoch, index)
+
+    def _pack(self, order: np.ndarray, index: int) -> tuple[list[list[int]], int]:
+        """Greedy packing in epoch order into ``rows`` rows of the largest bucket."""
+        cap = self.buckets[-1]
+        rows: list[list[int]] = [[]]
+        used = 0
+        while index < len(order):
+            i = int(order[index])
+            n = self.data.length(i)
+            if used + n > cap:
+                if len(rows) == self.rows:
+                    break
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+            index += 1
+        rows += [[] for _ in range(self.rows - len(rows))]
+        return rows, index
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        position = (0, 0)
+        while True:
+            batch, position = self.batch_at(*position)
+            yield batch
+
+
+def eval_batches(
+    data: Encoded, batch_size: int, buckets: Sequence[int]
+) -> Iterator[dict[str, np.ndarray]]:
+    """All examples in order, one per row, ``[B, T]`` batches; the last is padded with empty rows."""
+    for start in range(0, len(data), batch_size):
+        ids = list(range(start, min(start + batch_size, len(data))))
+        rows = [[i] for i in ids] + [[] for _ in range(batch_size - len(ids))]
+        t = bucket_length(max(data.length(i) for i in ids), buckets)
+        yield rows_to_batch(data, rows, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run's data: annotated examples, tokenizer, severity weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _probs_of(examples: list[dict[str, Any]]) -> np.ndarray | None:
+    keys = [f"p_{s}" for s in sevloss.SEVERITIES]
+    if not examples or not all(k in ex and ex[k] is not None for ex in examples for k in keys):
+        return None
+    return sevloss.validate_severity_probs(np.array([[ex[k] for k in keys] for ex in examples]))
+
+
+def _severity_of(examples: list[dict[str, Any]], probs: np.ndarray | None) -> np.ndarray:
+    """Class index per example: gold ``severity`` when every example has one, else argmax(p)."""
+    if all(ex.get("severity") in sevloss.SEVERITIES for ex in examples):
+        return np.array([sevloss.SEVERITIES.index(ex["severity"]) for ex in examples], np.int32)
+    if probs is not None:
+        return probs.argmax(axis=1).astype(np.int32)
+    return np.full(len(examples), -1, np.int32)
+
+
+def load_annotated(cfg: TrainConfig, run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Train / validation examples, with severity probabilities when the loss needs them.
+
+    The embedded set (``data.path`` unset) is annotated on the fly by the tiny classifier
+    (``sevjax.classify.ensure_annotated``); any other file must already carry p_mild, p_moderate,
+    p_critical.
+    """
+    from sevjax import data as data_lib
+
+    examples = data_lib.load_examples(cfg.data.path, columns=cfg.data.columns)
+    if cfg.loss.mode == "severity" and _probs_of(examples) is None:
+        if cfg.data.path is not None:
+            raise ValueError(
+                f"{cfg.data.path} has no severity probabilities (p_mild, p_moderate, p_critical). "
+                "Annotate it with the severity classifier first:\n"
+                "  python classify.py train\n"
+                f"  python classify.py annotate --set data.path={cfg.data.path} "
+                "--set output=annotated.jsonl\n"
+                "then train with --set data.path=annotated.jsonl (or use --set loss.mode=ce)"
+            )
+        from sevjax import classify
+
+        path = classify.ensure_annotated(run_dir)
+        print(f"[data] using severity-annotated examples {path}")
+        examples = data_lib.load_examples(str(path))
+    splits = data_lib.split_examples(examples)
+    out = {"train": splits["train"], "validation": splits["validation"]}
+    for name, limit in (
+        ("train", cfg.data.max_train_examples),
+        ("validation", cfg.data.max_eval_examples),
+    ):
+        if not out[name]:
+            raise ValueError(f"the data has no {name!r} split (field 'split')")
+        out[name] = out[name][:limit] if limit is not None else out[name]
+    return out
+
+
+def load_tokenizer(cfg: TrainConfig, run_dir: Path, train_examples: list[dict[str, Any]]) -> Any:
+    """The pretrained tokenizer, or (random init) a BPE trained on the training texts."""
+    if cfg.model.tokenizer is not None or cfg.model.name_or_path is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path)
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; the loss needs one to end responses")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    texts = [cfg.data.template.format(complaint=ex["complaint"]) for ex in train_examples]
+    texts += [ex["response"] for ex in train_examples]
+    # deterministic, so every process trains the same one; only process 0 writes it
+    tok = train_bpe_tokenizer(
+        texts, cfg.model.vocab_size, tok_dir if jax.process_index() == 0 else None
+    )
+    print(f"[data] trained a {len(tok)}-token byte-level BPE tokenizer -> {tok_dir}")
+    return tok
+
+
+def example_weights(cfg: TrainConfig, train: list, probs: np.ndarray | None) -> np.ndarray:
+    """Per-example severity weights (all ones for ``loss.mode=ce``)."""
+    if cfg.loss.mode == "ce":
+        return np.ones(len(train), np.float32)
+    freq = probs.sum(axis=0) if cfg.loss.weighting == "balanced" else None
+    cw = sevloss.class_weights(cfg.loss.weighting, class_frequencies=freq)
+    print(
+        f"[loss] severity class weights {dict(zip(sevloss.SEVERITIES, np.round(cw, 3).tolist()))}"
+    )
+    return np.asarray(sevloss.severity_weights(probs, cw), np.float32)
+
+
+def encode(cfg: TrainConfig, splits: dict, tokenizer: Any) -> dict[str, Encoded]:
+    """Tokenized train and validation sets."""
+    out = {}
+    for name, examples in splits.items():
+        probs = _probs_of(examples)
+        weights = example_weights(cfg, examples, probs) if name == "train" else None
+        out[name] = encode_examples(
+            examples,
+            tokenizer,
+            weights if weights is not None else np.ones(len(examples), np.float32),
+            _severity_of(examples, probs),
+            template=cfg.data.template,
+            chat_template=cfg.data.chat_template,
+            max_length=max(cfg.data.buckets),
+            name=name,
+        )
+    return out
+
+
+def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[Any, dict[str, Encoded]]:
+    """``(tokenizer, {"train": Encoded, "validation": Encoded})`` for a training run."""
+    splits = load_annotated(cfg, run_dir)
+    tokenizer = load_tokenizer(cfg, run_dir, splits["train"])
+    return tokenizer, encode(cfg, splits, tokenizer)
