@@ -18,10 +18,10 @@ BERTScore numbers are a pipeline check only, not comparable to the paper.
 
 Usage::
 
-    python -m sevjax.evaluate evaluate --run runs/tiny
-    python -m sevjax.evaluate evaluate --run models/aragpt2-base --set scorer.model_path=... \\
+    python train.py evaluate --run runs/tiny
+    python train.py evaluate --run models/aragpt2-base --set scorer.model_path=... \\
         --set scorer.layer=9
-    python -m sevjax.evaluate compare --config configs/compare-tiny.yaml
+    python train.py compare --config configs/compare-tiny.yaml
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class BootstrapSection(Section):
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(Section):
-    """Generate and score one model (``python -m sevjax.evaluate evaluate --run DIR``)."""
+    """Generate and score one model (``python train.py evaluate --run DIR``)."""
 
     run: str | None = None  # a train run dir, an HF causal-LM dir or a Hub id
     out_dir: str | None = None  # default <run>/eval (train run) or runs/eval/<model name>
@@ -591,7 +591,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         compare(cfg)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,6 +15,8 @@ def test_readme_python_snippets_run():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    test_cmd = re.search(r"^(pip install -r requirements-dev\.txt && .*?)\s+#", readme, re.M).group(1)
+    test_cmd = re.search(r"^(pip install -r requirements-dev\.txt && .*?)\s+#", readme, re.M).group(
+        1
+    )
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1].strip() == test_cmd
