@@ -261,6 +261,13 @@ def _check_pairs(candidates: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
 
 
+def _sacrebleu_scores(sentence_fn, corpus_fn, candidates, references) -> dict[str, Any]:
+    _check_pairs(candidates, references)
+    sentence = [float(sentence_fn(c, [r]).score) for c, r in zip(candidates, references)]
+    corpus = corpus_fn(list(candidates), [list(references)]).score if candidates else 0.0
+    return {"corpus": float(corpus), "sentence": sentence}
+
+
 def chrf(candidates: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
     """sacrebleu chrF (character n-gram F-score, 0-100), corpus-level and per sentence.
 
@@ -269,12 +276,7 @@ def chrf(candidates: Sequence[str], references: Sequence[str]) -> dict[str, Any]
     """
     import sacrebleu
 
-    _check_pairs(candidates, references)
-    sentence = [sacrebleu.sentence_chrf(c, [r]).score for c, r in zip(candidates, references)]
-    corpus = (
-        sacrebleu.corpus_chrf(list(candidates), [list(references)]).score if candidates else 0.0
-    )
-    return {"corpus": float(corpus), "sentence": [float(s) for s in sentence]}
+    return _sacrebleu_scores(sacrebleu.sentence_chrf, sacrebleu.corpus_chrf, candidates, references)
 
 
 def bleu(candidates: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -285,12 +287,7 @@ def bleu(candidates: Sequence[str], references: Sequence[str]) -> dict[str, Any]
     """
     import sacrebleu
 
-    _check_pairs(candidates, references)
-    sentence = [sacrebleu.sentence_bleu(c, [r]).score for c, r in zip(candidates, references)]
-    corpus = (
-        sacrebleu.corpus_bleu(list(candidates), [list(references)]).score if candidates else 0.0
-    )
-    return {"corpus": float(corpus), "sentence": [float(s) for s in sentence]}
+    return _sacrebleu_scores(sacrebleu.sentence_bleu, sacrebleu.corpus_bleu, candidates, references)
 
 
 # ---------------------------------------------------------------------- emergency-referral proxy

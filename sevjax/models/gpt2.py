@@ -160,7 +160,7 @@ class GPT2Block(nnx.Module):
         return x + self.mlp(self.ln_2(x)), cache
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(layers.CausalLM):
     """GPT-2 with an LM head; see the decoder call convention in ``contracts.md``.
 
     Args:
@@ -193,6 +193,10 @@ class GPT2LMHeadModel(nnx.Module):
                 config.n_embd, config.vocab_size, axes=("embed", "vocab"), use_bias=False, **kw
             )
         )
+
+    @property
+    def token_embedding(self) -> Embed:
+        return self.wte
 
     def _trunk(self, input_ids, positions, mask, cache=None, index=None):
         x = self.wte(input_ids) + self.wpe(positions)  # (B, T, D)
@@ -227,24 +231,6 @@ class GPT2LMHeadModel(nnx.Module):
             input_ids, attention_mask, position_ids, segment_ids
         )
         return self._trunk(input_ids, positions, mask)[0]
-
-    def head(self) -> tuple[jax.Array, bool]:
-        """``(w, transpose_head)``: tied ``wte`` [V, D] (True) or ``lm_head`` [D, V] (False)."""
-        if self.lm_head is None:
-            return self.wte.embedding[...], True
-        return self.lm_head.kernel[...], False
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Logits [B, T, V] in the compute dtype (arguments as :meth:`hidden`)."""
-        h = self.hidden(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
-        return layers.project_logits(h, *self.head())
 
     def init_cache(self, batch_size: int, max_len: int) -> list[tuple[jax.Array, jax.Array]]:
         """Zeroed KV cache: one (k, v) pair of [B, S, N, H] per layer, in the compute dtype."""

@@ -326,3 +326,32 @@ def project_logits(hidden: jax.Array, w: jax.Array, transpose_head: bool) -> jax
     """Logits [..., V] = ``hidden [..., D] @ w`` (w [D, V]) or ``@ w.T`` (tied w [V, D])."""
     w = w.astype(hidden.dtype)
     return hidden @ (w.T if transpose_head else w)
+
+
+class CausalLM(nnx.Module):
+    """The decoder call convention shared by the families (see ``GPT2LMHeadModel``).
+
+    Subclasses define ``hidden(...)``, ``token_embedding`` (the ``Embed`` tied to the head) and
+    ``lm_head`` (a ``Dense`` [D, V], or None when the embeddings are tied).
+    """
+
+    token_embedding: Embed
+    lm_head: Dense | None
+
+    def head(self) -> tuple[jax.Array, bool]:
+        """``(w, transpose_head)``: tied embedding [V, D] (True) or ``lm_head`` [D, V] (False)."""
+        if self.lm_head is None:
+            return self.token_embedding.embedding[...], True
+        return self.lm_head.kernel[...], False
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, T, V] in the compute dtype (arguments as ``hidden``)."""
+        h = self.hidden(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
+        return project_logits(h, *self.head())

@@ -248,7 +248,7 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(layers.CausalLM):
     """Llama/Mistral/Qwen2 causal LM; see the decoder call convention in ``contracts.md``.
 
     Args:
@@ -288,6 +288,10 @@ class LlamaForCausalLM(nnx.Module):
         k_index = jnp.arange(mask.shape[-1])
         return mask & (q_index[:, None] - k_index[None, :] < w)[None, None]  # (B, 1, T, S)
 
+    @property
+    def token_embedding(self) -> Embed:
+        return self.embed_tokens
+
     def _trunk(self, input_ids, positions, mask, cache=None, index=None):
         x = self.embed_tokens(input_ids)  # (B, T, D)
         new_cache = []
@@ -318,24 +322,6 @@ class LlamaForCausalLM(nnx.Module):
         )
         mask = self._window(mask, jnp.arange(input_ids.shape[1]))
         return self._trunk(input_ids, positions, mask)[0]
-
-    def head(self) -> tuple[jax.Array, bool]:
-        """``(w, transpose_head)``: tied embedding [V, D] (True) or ``lm_head`` [D, V] (False)."""
-        if self.lm_head is None:
-            return self.embed_tokens.embedding[...], True
-        return self.lm_head.kernel[...], False
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Logits [B, T, V] in the compute dtype (arguments as :meth:`hidden`)."""
-        h = self.hidden(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
-        return layers.project_logits(h, *self.head())
 
     def init_cache(self, batch_size: int, max_len: int) -> list[tuple[jax.Array, jax.Array]]:
         """Zeroed KV cache: one (k, v) pair of [B, S, K, H] per layer, in the compute dtype."""
