@@ -124,7 +124,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _agreement(examples: list[dict]) -> str:
-    from sevjax.classify import label_metrics  # lazy: pulls in jax/flax
+    from sevjax.calibration import label_metrics  # lazy: pulls in jax/flax
 
     out = []
     rows = []

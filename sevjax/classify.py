@@ -2,8 +2,8 @@
 
 ``run(cfg)`` trains (tiny random BERT + a WordPiece tokenizer trained on the corpus by default,
 or an HF BERT checkpoint such as AraBERT with a new 3-class head), early-stops on validation
-macro-F1 (against gold labels when the data has them), saves an Orbax checkpoint, fits a softmax
-temperature on validation and exports the classifier with its tokenizer to ``<run_dir>/hf``.
+macro-F1 (against gold labels when the data has them), checkpoints every epoch with Orbax (a
+killed run resumes where it stopped when rerun), fits a softmax temperature on validation and exports the classifier with its tokenizer to ``<run_dir>/hf``.
 ``evaluate(cfg)`` reports accuracy, macro-F1, per-class P/R/F1, confusion, NLL, Brier and ECE
 before and after temperature scaling, plus a reliability diagram. ``annotate(cfg)`` writes the
 data with calibrated ``p_mild, p_moderate, p_critical`` and ``severity_pred``.
@@ -34,6 +34,14 @@ from sevjax import data as data_lib
 from sevjax import hf, models, optim, sharding
 from sevjax import loss as L
 from sevjax.arabic import normalize, rule_severity
+from sevjax.calibration import (
+    fit_temperature,
+    label_metrics,
+    majority_baseline,
+    prob_metrics,
+    reliability_diagram,
+    softmax,
+)
 from sevjax.config import MeshSection, OptimSection, Section, choice, positive
 
 
@@ -97,110 +105,6 @@ class ClassifyConfig(Section):
             choice("output extension", Path(self.output).suffix.lower(), (".jsonl", ".parquet"))
         if self.optim.grad_accum != 1:
             raise ValueError("optim.grad_accum must be 1 for the classifier")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax of [N, C] logits in float64."""
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
-
-def label_metrics(y: np.ndarray, pred: np.ndarray, num_classes: int = 3) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
-
-    Args:
-        y: [N] int gold classes; pred: [N] int predicted classes.
-
-    Returns:
-        ``{"accuracy", "macro_f1", "per_class": {name: {precision, recall, f1, support}},
-        "confusion": [[int]] (rows gold, columns predicted)}``; an empty class scores 0.
-    """
-    y, pred = np.asarray(y, np.int64), np.asarray(pred, np.int64)
-    conf = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(conf, (y, pred), 1)
-    tp = np.diag(conf).astype(np.float64)
-    precision = np.divide(tp, conf.sum(0), out=np.zeros_like(tp), where=conf.sum(0) > 0)
-    recall = np.divide(tp, conf.sum(1), out=np.zeros_like(tp), where=conf.sum(1) > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    names = L.SEVERITIES if num_classes == 3 else tuple(map(str, range(num_classes)))
-    return {
-        "accuracy": float(tp.sum() / max(len(y), 1)),
-        "macro_f1": float(f1.mean()),
-        "per_class": {
-            n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for n, p, r, f, s in zip(names, precision, recall, f1, conf.sum(1))
-        },
-        "confusion": conf.tolist(),
-    }
-
-
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE: bin-weighted |accuracy - confidence| over ``bins`` equal-width confidence bins."""
-    conf, correct = probs.max(-1), (probs.argmax(-1) == y).astype(np.float64)
-    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            total += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(total)
-
-
-def prob_metrics(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[str, Any]:
-    """:func:`label_metrics` of the argmax plus NLL, Brier score (sum over classes) and ECE."""
-    probs, y = np.asarray(probs, np.float64), np.asarray(y, np.int64)
-    onehot = np.eye(probs.shape[1])[y]
-    out = label_metrics(y, probs.argmax(-1), probs.shape[1])
-    out["nll"] = float(-np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12))))
-    out["brier"] = float(np.mean(np.sum((probs - onehot) ** 2, -1)))
-    out["ece"] = expected_calibration_error(probs, y, bins)
-    return out
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The softmax temperature minimizing NLL: grid over log T in [-3, 3], then a finer grid."""
-
-    def nll(log_t: float) -> float:
-        p = softmax(np.asarray(logits, np.float64) / np.exp(log_t))
-        return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-300))))
-
-    grid = np.linspace(-3.0, 3.0, 121)
-    best = grid[int(np.argmin([nll(t) for t in grid]))]
-    fine = np.linspace(best - 0.05, best + 0.05, 41)
-    return float(np.exp(fine[int(np.argmin([nll(t) for t in fine]))]))
-
-
-def majority_baseline(train_labels: np.ndarray, y: np.ndarray) -> float:
-    """Macro-F1 on ``y`` of always predicting the most frequent training class."""
-    majority = int(np.bincount(train_labels, minlength=3).argmax())
-    return label_metrics(y, np.full_like(y, majority))["macro_f1"]
-
-
-def reliability_diagram(curves: dict[str, tuple], path: Path, bins: int = 15) -> None:
-    """PNG: per split, accuracy per confidence bin before / after temperature scaling."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4.5), squeeze=False)
-    edges = np.linspace(0, 1, bins + 1)
-    for ax, (split, (raw, cal, y)) in zip(axes[0], curves.items()):
-        for probs, label, offset in ((raw, "raw", -0.25), (cal, "temperature-scaled", 0.25)):
-            conf, correct = probs.max(-1), probs.argmax(-1) == y
-            which = np.minimum((conf * bins).astype(int), bins - 1)
-            acc = [correct[which == b].mean() if (which == b).any() else 0 for b in range(bins)]
-            ece = expected_calibration_error(probs, y, bins)
-            label = f"{label} (ECE {ece:.3f})"
-            ax.bar(edges[:-1] + (0.5 + offset) / bins, acc, width=0.5 / bins, label=label)
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set(title=split, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-        ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def encode(
@@ -418,35 +322,57 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
         "step": jax.device_put(jnp.zeros((), jnp.int32), steps.replicated),
     }
     rng = jax.device_put(jax.random.PRNGKey(cfg.seed), steps.replicated)
-    order_rng = np.random.default_rng(cfg.seed)
-    history, best, best_f1, best_epoch, since = [], None, -1.0, 0, 0
-    for epoch in range(cfg.epochs):
-        order = order_rng.permutation(len(train))
+    # Everything a resumed run needs, checkpointed after every epoch: the live state, the best
+    # (early-stopping) params, and the per-epoch history as fixed-size arrays.
+    track = {
+        "state": state,
+        "best_params": jax.tree.map(jnp.copy, state["params"]),
+        "history": jnp.full((cfg.epochs, 3), jnp.nan, jnp.float32),  # loss, val F1, seconds
+    }
+    ckpt = Checkpointer(run_dir / "checkpoints", every=1, keep=1)
+    start = 0
+    if (last := ckpt.latest_step()) is not None:
+        track, (start, _) = ckpt.restore(last, track)
+        print(f"[classify] resuming after epoch {start} from {ckpt.directory}")
+    history = np.array(jax.device_get(track["history"]))  # writable host copy
+
+    def best_so_far(epochs_done: int) -> tuple[float, int, int]:
+        f1 = history[:epochs_done, 1]
+        if not epochs_done:
+            return -1.0, 0, 0
+        best = int(np.argmax(f1))  # first maximum = the earliest best epoch
+        return float(f1[best]), best + 1, epochs_done - best - 1
+
+    best_f1, best_epoch, since = best_so_far(start)
+    for epoch in range(start, cfg.epochs):
+        if since >= cfg.patience:
+            break
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
         losses = []
         for k in range(steps_per_epoch):
             idx = order[k * batch : (k + 1) * batch]
             if len(idx) < batch:  # fewer examples than one batch: repeat some
                 idx = np.resize(idx, batch)
             b = {**{n: v[idx] for n, v in enc_train.items()}, "labels": y_train[idx]}
-            state, metrics = train_step(state, b, rng)
+            track["state"], metrics = train_step(track["state"], b, rng)
             losses.append(metrics["loss"])
-        pred = predict_logits(steps, state["params"], enc_val, batch).argmax(-1)
+        pred = predict_logits(steps, track["state"]["params"], enc_val, batch).argmax(-1)
         f1 = label_metrics(y_val, pred)["macro_f1"]
-        loss = float(np.mean(jax.device_get(losses)))
-        history.append(
-            {"epoch": epoch + 1, "loss": loss, "val_macro_f1": f1, "s": time.time() - t0}
-        )
-        since = 0 if f1 > best_f1 else since + 1
+        history[epoch] = (float(np.mean(jax.device_get(losses))), f1, time.time() - t0)
         if f1 > best_f1:
-            best_f1, best_epoch, best = f1, epoch + 1, jax.device_get({**state, "rng": rng})
-        if since >= cfg.patience:
-            break
-    # One Orbax checkpoint of the early-stopping choice (params, AdamW state, step, rng).
-    ckpt = Checkpointer(run_dir / "checkpoints", every=1, keep=1, async_save=False)
-    ckpt.save(int(best["step"]), best, (best_epoch, 0), to_dict(cfg), force=True)
+            track["best_params"] = jax.tree.map(jnp.copy, track["state"]["params"])
+        track["history"] = jax.device_put(history, steps.replicated)
+        ckpt.save(epoch + 1, track, (epoch + 1, 0), to_dict(cfg), force=True)
+        best_f1, best_epoch, since = best_so_far(epoch + 1)
     ckpt.close()
-    params = jax.device_put(best["params"], steps.param_sh)
+    done = int(np.sum(~np.isnan(history[:, 0])))
+    history = [
+        {"epoch": e + 1, "loss": float(h[0]), "val_macro_f1": float(h[1]), "s": float(h[2])}
+        for e, h in enumerate(history[:done])
+    ]
+    params = track["best_params"]
     val_logits = predict_logits(steps, params, enc_val, batch)
+    best_f1 = label_metrics(y_val, val_logits.argmax(-1))["macro_f1"]  # exact; history is f32
     temperature = fit_temperature(val_logits, y_val)
     hf.save_pretrained(steps.eval_model(params), config, run_dir / "hf", tokenizer=tokenizer)
     summary = dict(best_epoch=best_epoch, epochs_run=len(history), val_macro_f1=best_f1)

@@ -113,7 +113,7 @@ def embedded():
 
 
 def _agreement(examples):
-    from sevjax.classify import label_metrics
+    from sevjax.calibration import label_metrics
     from sevjax.loss import SEVERITIES
 
     gold = np.array([SEVERITIES.index(ex["severity"]) for ex in examples])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sevjax import calibration
 from sevjax import classify as C
 from sevjax.config import load
 from sevjax.data import EMBEDDED_PATH, load_examples
@@ -26,7 +27,7 @@ TINY = [
 ]
 # Measured with TINY on the 8 fake CPU devices of the test setup: validation macro-F1 against
 # gold MEASURED_F1; majority-class baseline 0.167. The bound keeps a margin for other CPUs.
-MEASURED_F1 = 0.603
+MEASURED_F1 = 0.477
 F1_BOUND = 0.45
 
 
@@ -36,19 +37,19 @@ F1_BOUND = 0.45
 def test_label_metrics_by_hand():
     y = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 1, 2, 0])
-    m = C.label_metrics(y, pred)
+    m = calibration.label_metrics(y, pred)
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-12)
     # per class: P = (1/2, 2/3, 1), R = (1/2, 1, 1/2), F1 = (1/2, 4/5, 2/3)
     assert m["per_class"]["moderate"]["f1"] == pytest.approx(0.8, abs=1e-12)
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3, abs=1e-12)
-    assert C.majority_baseline(np.array([2, 2, 1]), y) == pytest.approx((0 + 0 + 0.5) / 3)
+    assert calibration.majority_baseline(np.array([2, 2, 1]), y) == pytest.approx((0 + 0 + 0.5) / 3)
 
 
 def test_prob_metrics_and_ece_by_hand():
     probs = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
     y = np.array([0, 1, 1, 2])
-    m = C.prob_metrics(probs, y, bins=15)
+    m = calibration.prob_metrics(probs, y, bins=15)
     assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.3, 0.7, 0.8])), abs=1e-12)
     brier = np.mean([0.01 + 0.0025 * 2, 0.36 + 0.49 + 0.01, 0.04 + 0.09 + 0.01, 0.01 * 2 + 0.04])
     assert m["brier"] == pytest.approx(brier, abs=1e-12)
@@ -60,8 +61,8 @@ def test_prob_metrics_and_ece_by_hand():
 def test_fit_temperature_recovers_the_generating_temperature():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(20000, 3)) * 3
-    y = np.array([rng.choice(3, p=p) for p in C.softmax(logits / 2.0)])
-    assert C.fit_temperature(logits, y) == pytest.approx(2.0, rel=0.05)
+    y = np.array([rng.choice(3, p=p) for p in calibration.softmax(logits / 2.0)])
+    assert calibration.fit_temperature(logits, y) == pytest.approx(2.0, rel=0.05)
 
 
 # ------------------------------------------------------------------------------ pulse run
@@ -206,3 +207,31 @@ def test_validation_f1_clearly_above_majority_baseline(trained):
     assert result["validation"]["raw"]["macro_f1"] == pytest.approx(
         summary["val_macro_f1"], abs=1e-9
     )
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    args = [*TINY, "epochs=3", "patience=10"]
+    whole = C.run(load(C.ClassifyConfig, None, [f"run_dir={tmp_path / 'whole'}", *args]))
+
+    real, calls = C.label_metrics, []
+
+    def dies_in_third_epoch(y, pred):
+        calls.append(1)
+        if len(calls) == 3:  # the process dies after two epoch checkpoints
+            raise KeyboardInterrupt
+        return real(y, pred)
+
+    cfg = load(C.ClassifyConfig, None, [f"run_dir={tmp_path / 'resumed'}", *args])
+    monkeypatch.setattr(C, "label_metrics", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        C.run(cfg)
+    monkeypatch.setattr(C, "label_metrics", real)
+    resumed = C.run(cfg)
+
+    def curve(summary):
+        return [(h["epoch"], h["loss"], h["val_macro_f1"]) for h in summary["history"]]
+
+    assert len(resumed["history"]) == 3
+    np.testing.assert_allclose(np.array(curve(resumed)), np.array(curve(whole)), rtol=0, atol=1e-6)
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    assert resumed["temperature"] == pytest.approx(whole["temperature"], abs=1e-6)
