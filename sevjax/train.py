@@ -108,6 +108,30 @@ def _severity_sums(nll_fn, mb: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def init_state(cfg: TrainConfig, model: nnx.Module, mesh: jax.sharding.Mesh):
+    """Splits ``model`` and builds the train state ``{params, opt_state, step}`` on ``mesh``.
+
+    Returns:
+        ``(state, state_shardings, (graphdef, treedef, rest), tx, schedule)``; ``params`` is the
+        pure dict of the ``nnx.Param`` state, ``rest`` the non-parameter state, and the split is
+        what :func:`make_forward` takes.
+    """
+    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    treedef = jax.tree.structure(param_state)
+    params = nnx.to_pure_dict(param_state)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps, params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = optim.opt_state_shardings(tx, params, param_sh, replicated)
+    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    }
+    return state, state_sh, (graphdef, treedef, rest), tx, schedule
+
+
 def make_forward(
     graphdef: Any,
     treedef: Any,
@@ -425,24 +449,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(
             f"max(data.buckets)={max(cfg.data.buckets)} exceeds the model's {positions} positions"
         )
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    treedef = jax.tree.structure(param_state)
-    params = nnx.to_pure_dict(param_state)
-    del model, param_state
+    state, state_sh, (graphdef, treedef, rest), tx, schedule = init_state(cfg, model, mesh)
+    del model
+    param_sh = state_sh["params"]
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(
-        f"[model] {hf_config['model_type']} with {sum(x.size for x in jax.tree.leaves(params)):,} parameters on mesh {dict(mesh.shape)}"
+        f"[model] {hf_config['model_type']} with {n_params:,} parameters on mesh {dict(mesh.shape)}"
     )
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps, params)
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    opt_sh = optim.opt_state_shardings(tx, params, param_sh, replicated)
-    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-    }
     rng = jax.device_put(jax.random.PRNGKey(cfg.seed), replicated)
 
     ckpt = Checkpointer(

@@ -203,7 +203,7 @@ class GPT2LMHeadModel(layers.CausalLM):
         new_cache = []
         for i, block in enumerate(self.layers):
             x, c = block(x, mask, None if cache is None else cache[i], index)
-            x = constrain(x, ("batch", "seq", "embed"))
+            x = layers.grad_barrier(constrain(x, ("batch", "seq", "embed")))
             new_cache.append(c)
         return self.ln_f(x), (new_cache if cache is not None else None)
 

@@ -297,7 +297,7 @@ class LlamaForCausalLM(layers.CausalLM):
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, positions, mask, None if cache is None else cache[i], index)
-            x = constrain(x, ("batch", "seq", "embed"))
+            x = layers.grad_barrier(constrain(x, ("batch", "seq", "embed")))
             new_cache.append(c)
         return self.norm(x), (new_cache if cache is not None else None)
 
