@@ -4,8 +4,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -32,10 +30,6 @@ def test_memory_bench_runs():
     assert math.isclose(out["naive"]["loss"], out["chunked"]["loss"], rel_tol=1e-5)
 
 
-@pytest.mark.skipif(
-    not (Path(gpu_mfu.parse_args([]).config_dir) / "aragpt2-medium.json").is_file(),
-    reason="the published HF configs are not available",
-)
 def test_gpu_mfu_tiny_runs():
     results = gpu_mfu.main(["--tiny"])
     assert [r["model"] for r in results] == list(gpu_mfu.DEFAULT_MODELS)
