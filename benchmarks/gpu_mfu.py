@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
+
 import jax
 import jax.numpy as jnp
 from train_bench import sevjax_train_step, synthetic_batch

@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
 
 import jax
 import jax.numpy as jnp

@@ -30,7 +30,10 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
 
 VARIANTS = ("naive", "chunked")
 

@@ -26,9 +26,13 @@ import dataclasses
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
 
 import jax
 import jax.numpy as jnp

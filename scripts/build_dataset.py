@@ -21,6 +21,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
+
 import numpy as np
 
 from sevjax.arabic import normalize, rule_severity
