@@ -174,7 +174,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument(
         "--config-dir",
-        default=os.environ.get("SEVJAX_HF_CONFIGS", str(Path(__file__).parent / "hf_configs")),
+        default=os.environ.get(
+            "SEVJAX_HF_CONFIGS", str(Path(__file__).resolve().parents[1] / "configs" / "hf")
+        ),
         help="folder of HF config.json files named <model>.json (env SEVJAX_HF_CONFIGS)",
     )
     parser.add_argument("--seq", type=int, default=1024)

@@ -11,7 +11,7 @@ import torch
 from sevjax import models
 from sevjax.models import gpt2
 
-HF_CONFIGS = Path("/work/shared/hf-configs")
+HF_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hf"  # published config.json files
 
 
 @pytest.fixture(scope="module")

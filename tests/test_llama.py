@@ -14,7 +14,7 @@ from sevjax import models
 from sevjax.models import llama
 from sevjax.sharding import logical_to_spec, make_mesh
 
-HF_CONFIGS = Path("/work/shared/hf-configs")
+HF_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hf"  # published config.json files
 KINDS = ("llama", "qwen2", "qwen2-untied", "mistral")
 
 

@@ -161,7 +161,7 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2LMHeadModel(layers.CausalLM):
-    """GPT-2 with an LM head; see the decoder call convention in ``contracts.md``.
+    """GPT-2 with an LM head; called as ``model(input_ids, attention_mask, position_ids, *, segment_ids) -> logits [B, T, V]``.
 
     Args:
         config: the hyper-parameters.

@@ -249,7 +249,7 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(layers.CausalLM):
-    """Llama/Mistral/Qwen2 causal LM; see the decoder call convention in ``contracts.md``.
+    """Llama/Mistral/Qwen2 causal LM; called as ``model(input_ids, attention_mask, position_ids, *, segment_ids) -> logits [B, T, V]``.
 
     Args:
         config: the hyper-parameters.
