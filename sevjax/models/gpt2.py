@@ -161,7 +161,10 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2LMHeadModel(layers.CausalLM):
-    """GPT-2 with an LM head; called as ``model(input_ids, attention_mask, position_ids, *, segment_ids) -> logits [B, T, V]``.
+    """GPT-2 with an LM head.
+
+    Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
+    [B, T, V]; ``hidden`` gives the final hidden states and ``head`` the output projection.
 
     Args:
         config: the hyper-parameters.

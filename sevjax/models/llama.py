@@ -249,7 +249,10 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(layers.CausalLM):
-    """Llama/Mistral/Qwen2 causal LM; called as ``model(input_ids, attention_mask, position_ids, *, segment_ids) -> logits [B, T, V]``.
+    """Llama/Mistral/Qwen2 causal LM.
+
+    Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
+    [B, T, V]; ``hidden`` gives the final hidden states and ``head`` the output projection.
 
     Args:
         config: the hyper-parameters.
