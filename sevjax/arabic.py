@@ -80,6 +80,29 @@ def normalize(
     return text
 
 
+def tokenizer_normalizer():
+    """:func:`normalize` as a ``tokenizers`` normalizer, built from the same tables.
+
+    Exported tokenizers (the classifier's WordPiece) carry it, so they work on raw text. It does
+    every default step of :func:`normalize` except collapsing repeated characters, which a
+    ``tokenizers`` regex cannot express (no backreferences).
+
+    Returns:
+        A ``tokenizers.normalizers.Sequence``.
+    """
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.Replace(Regex(_DIACRITICS.pattern), ""), normalizers.Replace(_TATWEEL, "")]
+    for table in (_ALEF, _DIGITS):
+        steps += [normalizers.Replace(chr(k), v) for k, v in sorted(table.items())]
+    steps += [
+        normalizers.Replace(Regex(_INVISIBLE.pattern), ""),
+        normalizers.Replace(Regex(_SPACES.pattern), " "),
+        normalizers.Strip(),
+    ]
+    return normalizers.Sequence(steps)
+
+
 # ----------------------------------------------------------------------------------------------
 # Rule labeler
 # ----------------------------------------------------------------------------------------------

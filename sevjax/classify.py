@@ -43,6 +43,7 @@ from sevjax.calibration import (
     softmax,
 )
 from sevjax.config import MeshSection, OptimSection, Section, choice, positive
+from sevjax.tokenizer import train_wordpiece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +300,7 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     else:
         corpus = [normalize(ex[f]) for ex in train for f in ("complaint", "response")]
-        tokenizer = data_lib.train_wordpiece(corpus, cfg.model.vocab_size)
+        tokenizer = train_wordpiece(corpus, cfg.model.vocab_size)
     tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     enc_train = encode(tokenizer, train, cfg.data.text, cfg.model.max_length)
     enc_val = encode(tokenizer, val, cfg.data.text, cfg.model.max_length)

@@ -17,20 +17,17 @@ Typical use::
     rows = load_examples("maqa.csv", columns={"complaint": "question", "response": "answer"})
     parts = split_examples(rows)  # {"train": [...], "validation": [...], "test": [...]}
 
-Also here: :func:`assign_splits` (the seeded stratified split), :func:`save_examples` (JSONL or
-Parquet, refusing to overwrite) and :func:`train_wordpiece` (the classifier's tokenizer, trained
-deterministically on the corpus).
+Also here: :func:`assign_splits` (the seeded stratified split) and :func:`save_examples` (JSONL or
+Parquet, refusing to overwrite).
 """
 
 from __future__ import annotations
 
 import csv
-import heapq
 import io
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +43,6 @@ TEXT_FIELDS = ("complaint", "response", "specialty")
 FIELDS = ("id", *TEXT_FIELDS, "severity", "split", *PROB_FIELDS)
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
@@ -398,111 +394,3 @@ def save_examples(
 
         pq.write_table(pa.Table.from_pylist(list(examples)), path)
     return path
-
-
-def _wordpiece_vocab(word_counts: Counter, vocab_size: int) -> list[str]:
-    """BPE merges with WordPiece "##" continuation pieces, ties broken by the pair's text.
-
-    ``tokenizers``' WordPiece trainer breaks count ties by hash order, which changes from one
-    process to the next; this loop (a heap of pair counts with lazy deletion) does not.
-    """
-    words = sorted(word_counts)
-    seqs = [[w[0], *("##" + c for c in w[1:])] for w in words]
-    freq = [word_counts[w] for w in words]
-    vocab = list(WORDPIECE_SPECIALS) + sorted({p for s in seqs for p in s})
-    known = set(vocab)
-    pairs: Counter = Counter()
-    where: dict[tuple[str, str], set[int]] = {}
-    for i, s in enumerate(seqs):
-        for pair in zip(s, s[1:]):
-            pairs[pair] += freq[i]
-            where.setdefault(pair, set()).add(i)
-    heap = [(-n, pair) for pair, n in pairs.items()]
-    heapq.heapify(heap)
-    while len(vocab) < vocab_size and heap:
-        n, best = heapq.heappop(heap)
-        if pairs.get(best, 0) != -n or n == 0:
-            continue  # stale entry: a fresher one with the current count is in the heap
-        a, b = best
-        merged = a + b[2:] if b.startswith("##") else a + b
-        if merged not in known:
-            vocab.append(merged)
-            known.add(merged)
-        touched = set()
-        for i in sorted(where.pop(best, ())):
-            s, old = seqs[i], list(zip(seqs[i], seqs[i][1:]))
-            for pair in old:
-                pairs[pair] -= freq[i]
-                where.get(pair, set()).discard(i)
-            j, out = 0, []
-            while j < len(s):
-                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
-                    out.append(merged)
-                    j += 2
-                else:
-                    out.append(s[j])
-                    j += 1
-            seqs[i] = out
-            for pair in zip(out, out[1:]):
-                pairs[pair] += freq[i]
-                where.setdefault(pair, set()).add(i)
-            touched |= set(old) | set(zip(out, out[1:]))
-        pairs.pop(best, None)
-        for pair in sorted(touched - {best}):
-            heapq.heappush(heap, (-pairs[pair], pair))
-    return vocab
-
-
-def train_wordpiece(texts: Sequence[str], vocab_size: int) -> Any:
-    """A BERT-style WordPiece tokenizer trained deterministically on ``texts``.
-
-    Its normalizer repeats :func:`sevjax.arabic.normalize` (diacritics, tatweel, alef forms,
-    digits, whitespace; not repeat collapsing, which ``tokenizers`` regexes cannot express), so
-    the exported tokenizer works on raw text; ``[CLS] text [SEP]`` is added on encoding. The
-    vocabulary is the alphabet plus BPE merges (see :func:`_wordpiece_vocab`): the same texts
-    give the same tokenizer in every process.
-
-    Args:
-        texts: training corpus (any order-independent bag of texts gives the same vocabulary).
-        vocab_size: target size, specials and alphabet included.
-
-    Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with [PAD]=0, [UNK], [CLS], [SEP], [MASK].
-    """
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    digits = [normalizers.Replace(chr(0x0660 + i), str(i)) for i in range(10)]
-    digits += [normalizers.Replace(chr(0x06F0 + i), str(i)) for i in range(10)]
-    normalizer = normalizers.Sequence(
-        [
-            normalizers.Replace(Regex("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06ed\u0640]"), ""),
-            normalizers.Replace(Regex("[أإآٱ]"), "ا"),
-            normalizers.Replace("ى", "ي"),
-            *digits,
-            normalizers.Replace(Regex(r"\s+"), " "),
-            normalizers.Strip(),
-        ]
-    )
-    pre = pre_tokenizers.BertPreTokenizer()
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
-    vocab = _wordpiece_vocab(counts, vocab_size)
-    tok = Tokenizer(tok_models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
-    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )

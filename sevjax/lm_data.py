@@ -29,53 +29,9 @@ import numpy as np
 
 from sevjax import loss as sevloss
 from sevjax.config import TrainConfig
+from sevjax.tokenizer import train_bpe_tokenizer
 
-PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "loss_mask", "weights", "severity")
-
-
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path | None = None):
-    """Trains a byte-level BPE tokenizer deterministically and wraps it for ``transformers``.
-
-    Special tokens are ``<pad>`` (id 0), ``<s>`` (1) and ``</s>`` (2); ``tokenizer(text)`` prepends
-    ``<s>`` (``add_special_tokens=False`` does not). The same texts in the same order always give
-    the same vocabulary and merges.
-
-    Args:
-        texts: training corpus.
-        vocab_size: target vocabulary size (at least 256 bytes + 3 special tokens).
-        out_dir: when given, the tokenizer is saved there with ``save_pretrained``.
-
-    Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with bos/eos/pad set.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if vocab_size < 259:
-        raise ValueError(
-            f"BPE vocab_size must be >= 259 (256 bytes + 3 specials), got {vocab_size}"
-        )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    # tokenizer(text) starts with <s> like our prompts, so HF pipelines see the training format
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
-    )
-    if out_dir is not None:
-        wrapped.save_pretrained(str(out_dir))
-    return wrapped
 
 
 def format_example(

@@ -17,9 +17,9 @@ from sevjax.data import (
     load_examples,
     save_examples,
     split_examples,
-    train_wordpiece,
 )
 from sevjax.loss import SEVERITIES
+from sevjax.tokenizer import train_wordpiece
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -262,7 +262,7 @@ def test_wordpiece_is_deterministic_and_normalizes(embedded):
 def test_wordpiece_is_identical_across_processes():
     # tokenizers' own trainer breaks ties by hash order, which differs between processes.
     code = (
-        "import hashlib, json; from sevjax.data import load_examples, train_wordpiece; "
+        "import hashlib, json; from sevjax.data import load_examples; from sevjax.tokenizer import train_wordpiece; "
         "t = train_wordpiece([e['complaint'] for e in load_examples()[:150]], 300); "
         "print(hashlib.md5(json.dumps(sorted(t.get_vocab().items())).encode()).hexdigest())"
     )

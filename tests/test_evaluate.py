@@ -8,7 +8,7 @@ import pytest
 import test_metrics
 
 from sevjax import evaluate as ev
-from sevjax import lm_data, models
+from sevjax import models, tokenizer
 from sevjax.config import from_dict, load
 
 REPO = Path(__file__).parents[1]
@@ -164,7 +164,7 @@ def test_evaluate_cli_reproduces_the_compare_row(compared, setup, capsys):
 
 def test_bucketed_generation_equals_one_by_one():
     texts = ["ألم في الصدر", "صداع خفيف منذ يومين", "حرارة", "سعال وحرارة مرتفعة منذ أسبوع"]
-    tok = lm_data.train_bpe_tokenizer(texts * 3, 300)
+    tok = tokenizer.train_bpe_tokenizer(texts * 3, 300)
     config = models.config_from_hf(
         {"model_type": "gpt2", "vocab_size": 300, "n_layer": 2, "n_embd": 32, "n_head": 2,
          "n_positions": 64, "eos_token_id": tok.eos_token_id}

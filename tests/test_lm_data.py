@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sevjax import lm_data, models
 from sevjax import loss as L
+from sevjax import tokenizer as tok_lib
 
 WORDS = "ألم صداع حمى سعال دواء طبيب مريض راحة ماء نوم قلب ضغط سكر دم عين أذن".split()
 TEMPLATE = "الشكوى: {complaint}\nالرد: "
@@ -30,7 +31,7 @@ def examples():
 @pytest.fixture(scope="module")
 def tokenizer(examples, tmp_path_factory):
     texts = [ex["complaint"] for ex in examples] + [ex["response"] for ex in examples]
-    return lm_data.train_bpe_tokenizer(texts, 300, tmp_path_factory.mktemp("tok"))
+    return tok_lib.train_bpe_tokenizer(texts, 300, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def encoded(examples, tokenizer):
 
 def test_bpe_is_deterministic_and_reloads(examples, tokenizer, tmp_path):
     texts = [ex["complaint"] for ex in examples] + [ex["response"] for ex in examples]
-    again = lm_data.train_bpe_tokenizer(texts, 300, tmp_path)
+    again = tok_lib.train_bpe_tokenizer(texts, 300, tmp_path)
     assert again.get_vocab() == tokenizer.get_vocab()
     loaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
     assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from sevjax import data as data_lib
-from sevjax import lm_data, optim, train
+from sevjax import lm_data, optim, tokenizer, train
 from sevjax.checkpoint import Checkpointer
 from sevjax.config import TrainConfig, load
 
@@ -48,7 +48,7 @@ def fixture_data(tmp_path_factory):
     path = root / "annotated.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     texts = [r["complaint"] for r in rows] + [r["response"] for r in rows]
-    lm_data.train_bpe_tokenizer(texts, 300, root / "tokenizer")
+    tokenizer.train_bpe_tokenizer(texts, 300, root / "tokenizer")
     return path, root / "tokenizer"
 
 
