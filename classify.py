@@ -12,30 +12,7 @@ Usage:
 
 import sys
 
-from sevjax.classify import ClassifyConfig, annotate, evaluate, run
-from sevjax.config import parse_cli
-
-COMMANDS = {"train": run, "evaluate": evaluate, "annotate": annotate}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``classify.py COMMAND [--config PATH] [--set key=value ...]``; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: classify.py {{{','.join(COMMANDS)}}} [--config PATH] [--set KEY=VALUE]")
-        return 2
-    try:
-        cfg = parse_cli(ClassifyConfig, argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        COMMANDS[argv[0]](cfg)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from sevjax.cli import classify_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(classify_main())

@@ -6,35 +6,14 @@ Usage:
     python train.py --config configs/tiny.yaml --set optim.lr=1e-3 --set loss.mode=ce
     python train.py evaluate --run runs/tiny              # generate + score the test split
     python train.py compare --config configs/compare-tiny.yaml   # the paper's three-row table
+    python train.py --print-config                        # every key, its default and meaning
 
 Rerunning the same command resumes from the newest checkpoint in ``run_dir``.
 """
 
 import sys
 
-from sevjax.config import TrainConfig, parse_cli
-from sevjax.train import NonFiniteLoss, run
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parses ``--config`` / ``--set``, runs training (or evaluation); returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("evaluate", "compare"):
-        from sevjax.evaluate import main as evaluate_main
-
-        return evaluate_main(argv)
-    try:
-        cfg = parse_cli(TrainConfig, argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg)
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from sevjax.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

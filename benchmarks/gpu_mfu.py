@@ -7,7 +7,7 @@ Usage: python benchmarks/gpu_mfu.py [--models aragpt2-medium qwen2.5-0.5b] [--se
 Models are random-init at the sizes of the published configs (``<config-dir>/<name>.json`` via
 ``sevjax.models.config_from_hf``), float32 parameters and AdamW state, bfloat16 compute, the real
 step of :mod:`sevjax.train` (severity-weighted loss; the chunked loss when the vocabulary exceeds
-``LossSection.chunked_vocab_threshold``, as ``train.run`` decides). For each model the batch
+``LossSection.chunked_vocab_threshold``, as training decides). For each model the batch
 starts at ``--start-batch`` and halves while the step does not fit: XLA's compiled memory
 (arguments + outputs + temporaries - aliased) above the device's ``bytes_limit``, or an
 out-of-memory error at run time. The whole script stops searching once ``--time-budget`` seconds
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from train_bench import sevjax_train_step, synthetic_batch
 
 from sevjax import models
-from sevjax.config import LossSection
+from sevjax.schema import LossSection
 
 H100_BF16_PEAK = 989e12
 DEFAULT_MODELS = ("aragpt2-medium", "qwen2.5-0.5b")

@@ -3,8 +3,9 @@
 Usage: python benchmarks/train_bench.py [--layers 6 --width 512 --heads 8 --vocab 16000
        --seq 256 --batch 8 --steps 10 --warmup 2]
 
-sevjax: the real jitted ``train_step`` of :mod:`sevjax.train` (``make_forward`` + ``make_steps``:
-AdamW with clipping, severity-weighted token loss, per-severity metrics, donated state).
+sevjax: the real jitted train step (:func:`sevjax.trainer.make_train_step` on the LM task
+:class:`sevjax.train.LMTask`: AdamW with clipping, severity-weighted token loss, per-severity sums,
+the finite-update guard, donated state).
 PyTorch: ``transformers.GPT2LMHeadModel`` (dropout 0, like ours), ``torch.optim.AdamW``, global
 norm clipping, and the same loss written in torch (per-token CE * per-example weight * mask,
 sum / token count). Both float32, same shapes (not the same init), same batch, torch on as many
@@ -37,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from sevjax import models, sharding, train
-from sevjax.config import LossSection, TrainConfig
+from sevjax import models, sharding, train, trainer
+from sevjax.schema import LossSection, TrainConfig
 
 CLASS_WEIGHTS = (1.0, 1.5, 2.0)  # the "linear" preset, one severity class per row
 
@@ -71,6 +73,7 @@ class SevjaxStep:
 
     compiled: Any
     state: Any
+    fixed: Any
     batch: dict[str, jax.Array]
     rng: jax.Array
     trace_s: float  # trace + lower
@@ -79,7 +82,7 @@ class SevjaxStep:
     n_params: int
 
     def __call__(self) -> dict[str, jax.Array]:
-        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+        self.state, metrics = self.compiled(self.state, self.fixed, self.batch, self.rng)
         jax.block_until_ready((self.state, metrics))
         return metrics
 
@@ -95,9 +98,9 @@ def sevjax_train_step(
 ) -> SevjaxStep:
     """Builds, lowers and compiles sevjax's real train step on one device.
 
-    The state is :func:`sevjax.train.init_state` (random init, AdamW from ``OptimSection``
+    The state is :func:`sevjax.trainer.initial_state` (random init, AdamW from ``OptimSection``
     defaults, donated ``{params, opt_state, step}``); the step is
-    :func:`sevjax.train.make_forward` + :func:`sevjax.train.make_steps`, as ``train.run`` uses them.
+    :func:`sevjax.trainer.make_train_step` on :class:`sevjax.train.LMTask`, as training uses them.
 
     Args:
         hf_config: an HF ``config.json`` dict (``models.config_from_hf``).
@@ -109,32 +112,26 @@ def sevjax_train_step(
     """
     cfg = TrainConfig(loss=LossSection(chunk_size=chunk_size))
     mesh = sharding.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
-    model = models.build(models.config_from_hf(hf_config), seed=0, dtype=dtype, mesh=mesh)
-    state, state_sh, (graphdef, treedef, rest), tx, schedule = train.init_state(cfg, model, mesh)
-    del model
-    param_sh, replicated = state_sh["params"], state_sh["step"]
-    aux_fn, eval_fn = train.make_forward(
-        graphdef,
-        treedef,
-        rest,
-        chunked=chunked,
-        chunk_size=cfg.loss.chunk_size,
-        normalize=cfg.loss.normalize,
-        z_loss=cfg.loss.z_loss,
-    )
-    step, _, train_sh, _ = train.make_steps(
-        cfg, aux_fn, eval_fn, tx, schedule, mesh, state_sh, param_sh
-    )
-    batch = train.put(batch_np, train_sh)
-    rng = jax.device_put(jax.random.PRNGKey(0), replicated)
+    config = models.config_from_hf(hf_config)
+    cls = models.model_class(config)
+    source = trainer.ModelSource(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    s = trainer.setup(source, mesh=mesh, optim_cfg=cfg.optim, steps=cfg.steps, trainable=nnx.Param)
+    state, fixed = trainer.initial_state(source, s, trainable=nnx.Param)
+    task = train.LMTask(cfg, None, chunked=chunked)
+    batch_sh = trainer.batch_shardings(batch_np, mesh, lead=1)
+    step = trainer.make_train_step(task, s, batch_sh)
+    batch = trainer.put(batch_np, batch_sh, batch_np["input_ids"].shape[1], axis=1)
+    rng = s.rng(0)
     start = time.perf_counter()
-    lowered = step.lower(state, batch, rng)
+    lowered = step.lower(state, fixed, batch, rng)
     traced = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
     temp = compiled.memory_analysis().temp_size_in_bytes
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    return SevjaxStep(compiled, state, batch, rng, traced - start, done - traced, temp, n_params)
+    return SevjaxStep(
+        compiled, state, fixed, batch, rng, traced - start, done - traced, temp, n_params
+    )
 
 
 def gpt2_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,12 +28,23 @@ def label_metrics(y: np.ndarray, pred: np.ndarray, num_classes: int = 3) -> dict
         y: [N] int gold classes; pred: [N] int predicted classes.
 
     Returns:
-        ``{"accuracy", "macro_f1", "per_class": {name: {precision, recall, f1, support}},
-        "confusion": [[int]] (rows gold, columns predicted)}``; an empty class scores 0.
+        See :func:`confusion_metrics`.
     """
     y, pred = np.asarray(y, np.int64), np.asarray(pred, np.int64)
     conf = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(conf, (y, pred), 1)
+    return confusion_metrics(conf)
+
+
+def confusion_metrics(conf: np.ndarray) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class P/R/F1 from a confusion matrix (rows gold, cols predicted).
+
+    Returns:
+        ``{"accuracy", "macro_f1", "per_class": {name: {precision, recall, f1, support}},
+        "confusion": [[int]]}``; an empty class scores 0.
+    """
+    conf = np.rint(np.asarray(conf, np.float64)).astype(np.int64)
+    num_classes = conf.shape[0]
     tp = np.diag(conf).astype(np.float64)
     precision = np.divide(tp, conf.sum(0), out=np.zeros_like(tp), where=conf.sum(0) > 0)
     recall = np.divide(tp, conf.sum(1), out=np.zeros_like(tp), where=conf.sum(1) > 0)
@@ -41,7 +52,7 @@ def label_metrics(y: np.ndarray, pred: np.ndarray, num_classes: int = 3) -> dict
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     names = SEVERITIES if num_classes == 3 else tuple(map(str, range(num_classes)))
     return {
-        "accuracy": float(tp.sum() / max(len(y), 1)),
+        "accuracy": float(tp.sum() / max(conf.sum(), 1)),
         "macro_f1": float(f1.mean()),
         "per_class": {
             n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}

@@ -1,33 +1,67 @@
-"""One thin Orbax wrapper: save / find / restore training checkpoints, never pickling.
+"""One thin Orbax wrapper: save, list, validate and restore training checkpoints, never pickling.
 
 A checkpoint ``<directory>/<step>/`` holds three items:
 
-- ``state``: the array tree ``{params, opt_state, step, rng}`` (OCDBT/tensorstore arrays);
-- ``data``: the data-iterator position ``{"epoch": int, "index": int}`` as JSON;
+- ``state``: an array tree (the trainer saves ``{params, opt_state, step, rng}``), OCDBT arrays;
+- ``meta``: a JSON dict (the trainer's data position and early-stopping bookkeeping);
 - ``config``: the resolved run config as JSON.
 
 Saves run in the background where Orbax supports it (``async_save``); only the last ``keep``
 checkpoints are kept, and partially written ones (a killed process) are ignored and cleaned up.
-Restoring takes the *current* target shardings, so a checkpoint written on one mesh shape loads
-onto another.
+Restoring takes *abstract* targets (``jax.ShapeDtypeStruct`` with the current shardings), so a
+checkpoint loads onto any mesh shape without the state ever being built first.
+
+:meth:`Checkpointer.restore_latest` is what a resuming run calls: it refuses a checkpoint of
+another configuration (naming the keys whose shapes differ), and falls back past a damaged or
+non-finite newest checkpoint to the previous good one, moving the damaged step directory aside to
+``<directory>-damaged/`` (nothing is deleted).
 
 Typical use::
 
     ckpt = Checkpointer(run_dir / "checkpoints", every=100, keep=2)
-    if (step := ckpt.latest_step()) is not None:
-        state, position = ckpt.restore(step, state)
+    found = ckpt.restore_latest(abstract_state)   # None, or (step, state, meta)
     ...
-    ckpt.save(step, state, position, config_dict)
+    ckpt.save(step, state, {"epoch": 0, "index": 64}, config_dict)
     ckpt.close()
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: every one is damaged, or they belong to another configuration."""
+
+
+def abstract(tree: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` (with sharding) for every array or struct leaf of ``tree``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _key_path(path: tuple[Any, ...]) -> str:
+    """``a/b/0/mu`` from a tree path (dict keys, sequence indices and attribute names alike)."""
+    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return "/".join(str(p) for p in parts)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Checkpointer:
@@ -54,7 +88,7 @@ class Checkpointer:
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
         )
@@ -70,29 +104,28 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        state: dict[str, Any],
-        position: tuple[int, int],
+        state: Any,
+        meta: dict[str, Any],
         config: dict[str, Any],
         *,
         force: bool = False,
     ) -> bool:
-        """Saves ``state`` (array tree), the iterator ``position`` and the ``config`` dict.
+        """Saves ``state`` (array tree), the JSON ``meta`` and the ``config`` dict.
 
         Returns:
             Whether a save was started (off-interval steps are skipped unless ``force``).
         """
-        epoch, index = position
         return self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({"epoch": int(epoch), "index": int(index)}),
+                meta=ocp.args.JsonSave(meta),
                 config=ocp.args.JsonSave(config),
             ),
             force=force,
         )
 
-    def restore(self, step: int, target: Any) -> tuple[Any, tuple[int, int]]:
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restores step ``step`` onto the shapes, dtypes and shardings of ``target``.
 
         Args:
@@ -101,19 +134,15 @@ class Checkpointer:
                 ``sharding`` set (the current mesh; it may differ from the saving one).
 
         Returns:
-            ``(state, (epoch, index))``.
+            ``(state, meta)``.
         """
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
-        )
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(abstract(target)), meta=ocp.args.JsonRestore()
             ),
         )
-        data = restored["data"]
-        return restored["state"], (int(data["epoch"]), int(data["index"]))
+        return restored["state"], dict(restored["meta"])
 
     def restore_config(self, step: int) -> dict[str, Any]:
         """The config dict saved with step ``step``."""
@@ -125,6 +154,93 @@ class Checkpointer:
         """The saved state's tree of array metadata (``shape``, ``dtype``), without reading it."""
         return self.manager.item_metadata(step)["state"]
 
+    def mismatches(self, step: int, target: Any) -> list[str]:
+        """Keys where step ``step``'s saved state and ``target`` differ in presence or shape.
+
+        Returns:
+            Lines like ``"params/h/0/attn/kernel: saved (64, 192), now (32, 96)"``; empty when the
+            checkpoint fits ``target``. An unreadable metadata file gives one line saying so.
+        """
+        try:
+            saved = self.state_metadata(step)
+        except Exception as e:  # damaged metadata: report, let restore_latest fall back
+            return [f"<metadata unreadable: {_first_line(e)}>"]
+
+        def flat(tree: Any) -> dict[str, tuple[int, ...]]:
+            leaves = jax.tree_util.tree_leaves_with_path(
+                tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+            )
+            return {_key_path(path): tuple(x.shape) for path, x in leaves}
+
+        a, b = flat(saved), flat(target)
+        lines = [
+            f"{k}: saved {a[k]}, now {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]
+        ]
+        lines += [
+            f"{k}: saved {a[k]}, not in this configuration" for k in sorted(a.keys() - b.keys())
+        ]
+        lines += [f"{k}: not in the checkpoint, now {b[k]}" for k in sorted(b.keys() - a.keys())]
+        return lines
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """The newest restorable checkpoint, falling back past damaged ones.
+
+        Args:
+            target: the abstract state (see :meth:`restore`).
+
+        Returns:
+            ``(step, state, meta)``, or None when there is no checkpoint.
+
+        Raises:
+            CheckpointError: the newest checkpoint belongs to another configuration (its keys
+                or shapes differ; the message lists them), or no checkpoint can be read.
+        """
+        problems = []
+        for step in reversed(self.all_steps()):
+            wrong = self.mismatches(step, target)
+            if wrong and not wrong[0].startswith("<metadata unreadable"):
+                shown = "\n  ".join(wrong[:12]) + ("\n  ..." if len(wrong) > 12 else "")
+                raise CheckpointError(
+                    f"{self.directory} holds checkpoints of another configuration (step {step}):"
+                    f"\n  {shown}\nUse a new run_dir for this configuration, or move "
+                    f"{self.directory} away to start this run over."
+                )
+            try:
+                if wrong:
+                    raise ValueError(wrong[0])
+                state, meta = self.restore(step, target)
+                if not bool(_all_finite(state)):
+                    raise ValueError("it holds NaN or inf values")
+            except Exception as e:  # any read failure means this step is damaged
+                problems.append(f"step {step}: {_first_line(e)}")
+                self._set_aside(step, problems[-1])
+                continue
+            return step, state, meta
+        if problems:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory}: {'; '.join(problems)}. The damaged "
+                f"steps were moved to {self._damaged_dir()}; rerun to start from scratch."
+            )
+        return None
+
+    def _damaged_dir(self) -> Path:
+        return self.directory.with_name(self.directory.name + "-damaged")
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves a damaged step directory out of the manager's way (kept, never deleted)."""
+        print(f"[checkpoint] {self.directory / str(step)} is damaged ({why}); trying an older one")
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            dest = self._damaged_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(dest))
+            print(f"[checkpoint] moved it to {dest}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"sevjax-set-aside-{step}")
+        self.manager.reload()
+
     def wait(self) -> None:
         """Blocks until background saves are written."""
         self.manager.wait_until_finished()
@@ -133,3 +249,8 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def host_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with NumPy scalars turned into plain Python numbers (JSON-safe)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in meta.items()}

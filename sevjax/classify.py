@@ -1,9 +1,12 @@
-"""Severity classifier: a Flax BERT trained on rule (or gold) labels, calibrated, used to annotate.
+"""The severity classifier: a Flax BERT trained on rule (or gold) labels, calibrated, used to annotate.
 
-``run(cfg)`` trains (tiny random BERT + a WordPiece tokenizer trained on the corpus by default,
-or an HF BERT checkpoint such as AraBERT with a new 3-class head), early-stops on validation
-macro-F1 (against gold labels when the data has them), checkpoints every epoch with Orbax (a
-killed run resumes where it stopped when rerun), fits a softmax temperature on validation and exports the classifier with its tokenizer to ``<run_dir>/hf``.
+:class:`ClassifierTask` hands the classifier to the shared trainer (:func:`sevjax.loop.fit`):
+class-weighted cross-entropy with dropout, evaluation by validation macro-F1 (against gold labels
+when the data has them) every epoch, early stopping after ``patience`` epochs without a better
+one, and the best epoch's checkpoint kept. ``run(cfg)`` trains (a tiny random BERT with a WordPiece
+tokenizer trained on the corpus by default, or an HF BERT checkpoint such as AraBERT with a new
+3-class head), fits a softmax temperature on validation and exports the classifier with its
+tokenizer to ``<run_dir>/hf``; a killed run resumes where it stopped when rerun.
 ``evaluate(cfg)`` reports accuracy, macro-F1, per-class P/R/F1, confusion, NLL, Brier and ECE
 before and after temperature scaling, plus a reliability diagram. ``annotate(cfg)`` writes the
 data with calibrated ``p_mild, p_moderate, p_critical`` and ``severity_pred``.
@@ -18,23 +21,24 @@ Typical use (``classify.py`` is the entry script)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sevjax import data as data_lib
-from sevjax import hf, models, optim, sharding
+from sevjax import hf, models
 from sevjax import loss as L
 from sevjax.arabic import normalize, rule_severity
 from sevjax.calibration import (
+    confusion_metrics,
     fit_temperature,
     label_metrics,
     majority_baseline,
@@ -42,70 +46,13 @@ from sevjax.calibration import (
     reliability_diagram,
     softmax,
 )
-from sevjax.config import MeshSection, OptimSection, Section, choice, positive
+from sevjax.config import to_dict
+from sevjax.logs import read as read_log
+from sevjax.loop import Loop, fit
+from sevjax.rundir import RunDir
+from sevjax.schema import ClassifyConfig, LogSection
 from sevjax.tokenizer import train_wordpiece
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierModelSection(Section):
-    """An HF BERT checkpoint (encoder kept, head new), or a tiny random BERT of these sizes."""
-
-    name_or_path: str | None = None  # e.g. aubmindlab/bert-base-arabertv02; None = tiny
-    layers: int = 2
-    width: int = 64
-    heads: int = 4
-    mlp: int = 256
-    vocab_size: int = 3000  # the WordPiece tokenizer trained on the corpus
-    max_length: int = 128  # tokens, [CLS] and [SEP] included
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        for name in ("layers", "width", "heads", "mlp", "vocab_size", "max_length"):
-            positive(f"model.{name}", getattr(self, name))
-        if self.width % self.heads:
-            raise ValueError(f"model.width={self.width} must be a multiple of heads={self.heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierDataSection(Section):
-    """The examples; training labels from the rule labeler (the paper's setting) or gold."""
-
-    path: str | None = None  # csv/json/jsonl/parquet or Hub id; None = the embedded set
-    columns: dict[str, str] | None = None  # our field -> the file's column
-    drop_bad: bool = False
-    labels: Literal["rule", "gold"] = "rule"
-    text: Literal["complaint", "complaint+response"] = "complaint"
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifyConfig(Section):
-    """Severity classifier (``python classify.py train|evaluate|annotate``; defaults: tiny CPU)."""
-
-    run_dir: str = "runs/classify"
-    seed: int = 0
-    epochs: int = 25
-    patience: int = 8  # epochs without a better validation macro-F1 before stopping
-    batch_size: int = 32
-    class_weighted: bool = False  # "balanced" class weights in the cross-entropy
-    ece_bins: int = 15
-    output: str | None = None  # annotate: .jsonl or .parquet; default <run_dir>/annotated.jsonl
-    overwrite: bool = False  # annotate: replace an existing output
-    model: ClassifierModelSection = dataclasses.field(default_factory=ClassifierModelSection)
-    data: ClassifierDataSection = dataclasses.field(default_factory=ClassifierDataSection)
-    optim: OptimSection = dataclasses.field(
-        default_factory=lambda: OptimSection(lr=2e-3, warmup_steps=30, b2=0.999, min_lr_ratio=0.0)
-    )
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-
-    def validate(self) -> None:
-        for name in ("epochs", "patience", "batch_size", "ece_bins"):
-            positive(name, getattr(self, name))
-        if self.output is not None:
-            choice("output extension", Path(self.output).suffix.lower(), (".jsonl", ".parquet"))
-        if self.optim.grad_accum != 1:
-            raise ValueError("optim.grad_accum must be 1 for the classifier")
+from sevjax.trainer import ModelSource, Position, make_mesh
 
 
 def encode(
@@ -144,112 +91,135 @@ def gold_labels(examples: list[dict]) -> np.ndarray | None:
     return np.array([L.SEVERITIES.index(ex["severity"]) for ex in examples], np.int32)
 
 
-def build_classifier(cfg: ClassifyConfig, tokenizer: Any, mesh: Any) -> tuple[Any, Any]:
-    """``(model, BertConfig)``: the checkpoint's encoder with a 3-class head, or a tiny BERT."""
+def classifier_source(cfg: ClassifyConfig, tokenizer: Any, mesh: Any) -> tuple[ModelSource, Any]:
+    """``(source, BertConfig)``: a checkpoint's encoder with a new 3-class head, or a tiny BERT."""
     m = cfg.model
     if m.name_or_path is not None:
-        model, config = models.load_pretrained(m.name_or_path, mesh=mesh)
+        config = hf.read_config(m.name_or_path)
         if config.num_labels != len(L.SEVERITIES):
             raise ValueError(
                 f"{m.name_or_path} is a {config.num_labels}-class classifier; need "
                 f"{len(L.SEVERITIES)} classes (use the plain encoder checkpoint)"
             )
-        return model, dataclasses.replace(config, id2label=L.SEVERITIES)
-    hf = dict(hidden_size=m.width, num_hidden_layers=m.layers, num_attention_heads=m.heads)
-    hf.update(intermediate_size=m.mlp, max_position_embeddings=max(m.max_length, 128))
-    hf.update(hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
-    hf.update(model_type="bert", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config = models.config_from_hf(hf)
+
+        def load() -> nnx.Module:
+            return hf.load_pretrained(m.name_or_path, mesh=mesh, seed=cfg.seed)[0]
+
+    else:
+        d = dict(hidden_size=m.width, num_hidden_layers=m.layers, num_attention_heads=m.heads)
+        d.update(intermediate_size=m.mlp, max_position_embeddings=max(m.max_length, 128))
+        d.update(hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
+        d.update(model_type="bert", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        config, load = models.config_from_hf(d), None
     config = dataclasses.replace(config, num_labels=3, id2label=L.SEVERITIES)
-    return models.build(config, seed=cfg.seed, mesh=mesh), config
+    cls = models.model_class(config)
+
+    def factory() -> nnx.Module:
+        return cls(config, rngs=nnx.Rngs(cfg.seed))
+
+    return ModelSource(factory, load), config
 
 
-class Steps:
-    """Jitted steps over the split model state (params as a plain dict, RNG state closed over).
+def _padded(enc: dict[str, np.ndarray], labels: np.ndarray, idx: np.ndarray, rows: int) -> dict:
+    """Rows ``idx`` of an encoded split as a batch of ``rows`` rows (``valid`` marks real ones)."""
+    pad = rows - len(idx)
+    batch = {k: np.pad(v[idx], ((0, pad), (0, 0))) for k, v in enc.items()}
+    batch["labels"] = np.pad(labels[idx], (0, pad))
+    batch["valid"] = np.pad(np.ones(len(idx), np.float32), (0, pad))
+    return batch
 
-    ``logits(params, batch) -> [B, C] f32`` (eval mode). :meth:`make_train` gives
-    ``train(state, batch, rng) -> (state, metrics)`` with ``state = {params, opt_state, step}``
-    donated and metrics ``loss``, ``grad_norm``, ``lr``.
+
+class ClassifierTask:
+    """The severity classifier as a :class:`sevjax.trainer.Task`.
+
+    Args:
+        enc_train, y_train: encoded train split and its labels.
+        enc_val, y_val: encoded validation split and its (gold when present) labels.
+        batch: rows per step and per eval batch (across all devices).
+        class_weights: ``[C]`` weights of the cross-entropy.
+        seed: the epoch order is ``default_rng([seed, epoch]).permutation``.
     """
 
-    def __init__(self, model: Any, mesh: Any):
-        model.train()
-        self.train_def, param_state, rest = nnx.split(model, nnx.Param, ...)
-        model.eval()
-        eval_def = nnx.split(model, nnx.Param, ...)[0]
-        treedef, rest_def = jax.tree.structure(param_state), jax.tree.structure(rest)
-        self.params = nnx.to_pure_dict(param_state)
+    score = ("macro_f1", "max")
+    loss_label = "CE"
+    unit = "examples"
 
-        rest_leaves = jax.tree.leaves(rest)
+    def __init__(self, enc_train, y_train, enc_val, y_val, *, batch, class_weights, seed):
+        self.enc_train, self.y_train, self.enc_val, self.y_val = enc_train, y_train, enc_val, y_val
+        self.train_rows = self.eval_rows = batch
+        self.class_weights = tuple(float(w) for w in class_weights)
+        self.seed = seed
 
-        def model_of(graphdef, params, rng_leaves=None):
-            # Fresh Variable objects per trace (NNX refuses mutation across trace levels).
-            p = jax.tree.unflatten(treedef, jax.tree.leaves(params))
-            rngs = jax.tree.unflatten(rest_def, rest_leaves if rng_leaves is None else rng_leaves)
-            return nnx.merge(graphdef, p, rngs)
+    def loss_sums(self, model, batch, rng):
+        nnx.reseed(model, dropout=rng)
+        logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+        nll = L.token_nll(logits[:, None, :], batch["labels"][:, None])[:, 0]  # (B,)
+        w = jnp.asarray(self.class_weights, jnp.float32)[batch["labels"]] * batch["valid"]  # (B,)
+        return {"weighted_nll_sum": jnp.sum(w * nll), "weight_sum": jnp.sum(w)}
 
-        def logits_fn(params, batch):
-            model = model_of(eval_def, params)
-            return model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+    def loss_terms(self, sums):
+        return sums["weighted_nll_sum"], sums["weight_sum"]
 
-        self.mesh, self.model_of = mesh, model_of
-        self.replicated = NamedSharding(mesh, PartitionSpec())
-        rows = sharding.batch_sharding(mesh, 2)
-        self.batch_sh = {"input_ids": rows, "attention_mask": rows}
-        self.param_sh = jax.tree.map(lambda x: x.sharding, self.params)
-        self.logits = jax.jit(
-            logits_fn, in_shardings=(self.param_sh, self.batch_sh), out_shardings=rows
-        )
-        self.eval_model = lambda params: model_of(eval_def, params)
+    def eval_sums(self, model, batch):
+        logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+        nll = L.token_nll(logits[:, None, :], batch["labels"][:, None])[:, 0]  # (B,)
+        c = len(self.class_weights)
+        pred = jax.nn.one_hot(jnp.argmax(logits, -1), c) * batch["valid"][:, None]  # (B, C)
+        confusion = jax.nn.one_hot(batch["labels"], c).T @ pred  # (C, C) rows gold
+        return {"nll_sum": jnp.sum(nll * batch["valid"]), "count": jnp.sum(batch["valid"]),
+                "confusion": confusion}  # fmt: skip
 
-    def make_train(self, tx: Any, schedule: Any, class_weights: np.ndarray) -> tuple[Any, Any]:
-        """``(train_step, state_shardings)``; the CE is weighted by ``class_weights`` [C]."""
-        weights, model_of, train_def = (
-            jnp.asarray(class_weights, jnp.float32),
-            self.model_of,
-            self.train_def,
-        )
+    def train_batch(self, position: Position, rows: slice):
+        epoch, index = position
+        n, b = len(self.y_train), self.train_rows
+        if index and index + b > n:  # drop the epoch's incomplete tail
+            epoch, index = epoch + 1, 0
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        idx = order[index : index + b]
+        if len(idx) < b:  # fewer examples than one batch: repeat some
+            idx = np.resize(idx, b)
+        index += b
+        if index >= n:
+            epoch, index = epoch + 1, 0
+        batch = _padded(self.enc_train, self.y_train, idx, b)
+        return {k: v[None, rows] for k, v in batch.items()}, (epoch, index)
 
-        def train_step(state, batch, rng):
-            seeded = model_of(train_def, state["params"])
-            nnx.reseed(seeded, dropout=jax.random.fold_in(rng, state["step"]))
-            rngs = jax.tree.leaves(nnx.split(seeded, nnx.Param, ...)[2])
+    def eval_batches(self, rows: slice) -> Iterator[dict[str, np.ndarray]]:
+        n, b = len(self.y_val), self.eval_rows
+        for start in range(0, n, b):
+            batch = _padded(self.enc_val, self.y_val, np.arange(start, min(start + b, n)), b)
+            yield {k: v[rows] for k, v in batch.items()}
 
-            def loss_fn(params):
-                model = model_of(train_def, params, rngs)
-                logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
-                nll = L.token_nll(logits[:, None, :], batch["labels"][:, None])[:, 0]  # (B,)
-                w = weights[batch["labels"]]  # (B,)
-                return jnp.sum(w * nll) / jnp.sum(w), {}
+    def train_record(self, sums):
+        return {}
 
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-            lr = schedule(state["step"])
-            return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+    def eval_record(self, sums):
+        out = confusion_metrics(np.asarray(sums["confusion"]))
+        return {"loss": float(sums["nll_sum"]) / max(float(sums["count"]), 1.0), **out}
 
-        opt_sh = optim.opt_state_shardings(tx, self.params, self.param_sh, self.replicated)
-        state_sh = {"params": self.param_sh, "opt_state": opt_sh, "step": self.replicated}
-        batch_sh = {**self.batch_sh, "labels": sharding.batch_sharding(self.mesh, 1)}
-        step = jax.jit(
-            train_step,
-            in_shardings=(state_sh, batch_sh, self.replicated),
-            out_shardings=(state_sh, self.replicated),
-            donate_argnums=(0,),
-        )
-        return step, state_sh
+    def describe(self, record):
+        return f"validation macro-F1 {record['macro_f1']:.3f}, loss {record['loss']:.4f}"
+
+    def count(self, batch):
+        return int(batch["valid"].sum())
 
 
-def predict_logits(steps: Steps, params: Any, enc: dict[str, np.ndarray], batch: int) -> np.ndarray:
-    """[N, C] float32 logits, in batches of ``batch`` rows (the last one padded)."""
-    n = len(enc["input_ids"])
-    out = []
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logits(graphdef, state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, mask).astype(jnp.float32)
+
+
+def predict_logits(model: nnx.Module, enc: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    """[N, C] float32 logits of ``model`` (eval mode) in batches of ``batch`` rows."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    n, out = len(enc["input_ids"]), []
     for start in range(0, n, batch):
         chunk = {k: v[start : start + batch] for k, v in enc.items()}
         pad = batch - len(chunk["input_ids"])
         chunk = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in chunk.items()}
-        out.append(np.asarray(steps.logits(params, chunk))[: batch - pad])
+        logits = _logits(graphdef, state, chunk["input_ids"], chunk["attention_mask"])
+        out.append(np.asarray(logits)[: batch - pad])
     return np.concatenate(out)
 
 
@@ -265,21 +235,8 @@ def _batch_size(cfg: ClassifyConfig, mesh: Any) -> int:
     return cfg.batch_size
 
 
-def run(cfg: ClassifyConfig) -> dict[str, Any]:
-    """Trains the classifier and writes ``<run_dir>/{tokenizer,checkpoints,hf}``, calibration.
-
-    Returns:
-        A summary: best epoch, validation macro-F1 (against gold when present), temperature,
-        train seconds, and the label source.
-    """
-    from sevjax.checkpoint import Checkpointer
-    from sevjax.config import to_dict
-
-    t0 = time.time()
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    examples = _examples(cfg)
-    parts = data_lib.split_examples(examples)
+def _labels(cfg: ClassifyConfig, parts: dict[str, list]) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(y_train, y_val, val_source)``: training labels per ``data.labels``, gold val if any."""
     train, val = parts["train"], parts["validation"]
     if not train or not val:
         raise ValueError("the classifier needs non-empty train and validation splits")
@@ -290,105 +247,90 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
     else:
         y_train = rule_labels(train)
     y_val = gold_labels(val)
-    val_source = "gold" if y_val is not None else cfg.data.labels
-    if y_val is None:
-        y_val = rule_labels(val)
+    source = "gold" if y_val is not None else cfg.data.labels
+    return y_train, y_val if y_val is not None else rule_labels(val), source
+
+
+def _tokenizer(cfg: ClassifyConfig, run_dir: Path, train: list[dict]) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if cfg.model.name_or_path is not None:
-        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").is_file():  # a resumed run: the tokenizer it trained
+        return PreTrainedTokenizerFast.from_pretrained(str(saved))
+    corpus = [normalize(ex[f]) for ex in train for f in ("complaint", "response")]
+    tokenizer = train_wordpiece(corpus, cfg.model.vocab_size)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(str(saved))
+    return tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    else:
-        corpus = [normalize(ex[f]) for ex in train for f in ("complaint", "response")]
-        tokenizer = train_wordpiece(corpus, cfg.model.vocab_size)
-    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-    enc_train = encode(tokenizer, train, cfg.data.text, cfg.model.max_length)
-    enc_val = encode(tokenizer, val, cfg.data.text, cfg.model.max_length)
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    batch = _batch_size(cfg, mesh)
-    model, config = build_classifier(cfg, tokenizer, mesh)
-    steps_per_epoch = max(len(train) // batch, 1)
-    total = steps_per_epoch * cfg.epochs
-    counts = np.maximum(np.bincount(y_train, minlength=3), 1)
-    weights = L.class_weights(
-        "balanced" if cfg.class_weighted else "uniform", class_frequencies=counts
-    )
-    steps = Steps(model, mesh)
-    tx, schedule = optim.make_optimizer(cfg.optim, total, steps.params)
-    train_step, state_sh = steps.make_train(tx, schedule, weights)
-    state = {
-        "params": steps.params,
-        "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(steps.params),
-        "step": jax.device_put(jnp.zeros((), jnp.int32), steps.replicated),
-    }
-    rng = jax.device_put(jax.random.PRNGKey(cfg.seed), steps.replicated)
-    # Everything a resumed run needs, checkpointed after every epoch: the live state, the best
-    # (early-stopping) params, and the per-epoch history as fixed-size arrays.
-    track = {
-        "state": state,
-        "best_params": jax.tree.map(jnp.copy, state["params"]),
-        "history": jnp.full((cfg.epochs, 3), jnp.nan, jnp.float32),  # loss, val F1, seconds
-    }
-    ckpt = Checkpointer(run_dir / "checkpoints", every=1, keep=1)
-    start = 0
-    if (last := ckpt.latest_step()) is not None:
-        track, (start, _) = ckpt.restore(last, track)
-        print(f"[classify] resuming after epoch {start} from {ckpt.directory}")
-    history = np.array(jax.device_get(track["history"]))  # writable host copy
+def run(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Trains the classifier; writes ``<run_dir>/{tokenizer,checkpoints,best,hf}``, calibration.
 
-    def best_so_far(epochs_done: int) -> tuple[float, int, int]:
-        f1 = history[:epochs_done, 1]
-        if not epochs_done:
-            return -1.0, 0, 0
-        best = int(np.argmax(f1))  # first maximum = the earliest best epoch
-        return float(f1[best]), best + 1, epochs_done - best - 1
-
-    best_f1, best_epoch, since = best_so_far(start)
-    for epoch in range(start, cfg.epochs):
-        if since >= cfg.patience:
-            break
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
-        losses = []
-        for k in range(steps_per_epoch):
-            idx = order[k * batch : (k + 1) * batch]
-            if len(idx) < batch:  # fewer examples than one batch: repeat some
-                idx = np.resize(idx, batch)
-            b = {**{n: v[idx] for n, v in enc_train.items()}, "labels": y_train[idx]}
-            track["state"], metrics = train_step(track["state"], b, rng)
-            losses.append(metrics["loss"])
-        pred = predict_logits(steps, track["state"]["params"], enc_val, batch).argmax(-1)
-        f1 = label_metrics(y_val, pred)["macro_f1"]
-        history[epoch] = (float(np.mean(jax.device_get(losses))), f1, time.time() - t0)
-        if f1 > best_f1:
-            track["best_params"] = jax.tree.map(jnp.copy, track["state"]["params"])
-        track["history"] = jax.device_put(history, steps.replicated)
-        ckpt.save(epoch + 1, track, (epoch + 1, 0), to_dict(cfg), force=True)
-        best_f1, best_epoch, since = best_so_far(epoch + 1)
-    ckpt.close()
-    done = int(np.sum(~np.isnan(history[:, 0])))
-    history = [
-        {"epoch": e + 1, "loss": float(h[0]), "val_macro_f1": float(h[1]), "s": float(h[2])}
-        for e, h in enumerate(history[:done])
-    ]
-    params = track["best_params"]
-    val_logits = predict_logits(steps, params, enc_val, batch)
-    best_f1 = label_metrics(y_val, val_logits.argmax(-1))["macro_f1"]  # exact; history is f32
-    temperature = fit_temperature(val_logits, y_val)
-    hf.save_pretrained(steps.eval_model(params), config, run_dir / "hf", tokenizer=tokenizer)
-    summary = dict(best_epoch=best_epoch, epochs_run=len(history), val_macro_f1=best_f1)
-    summary.update(val_labels=val_source, train_labels=cfg.data.labels, temperature=temperature)
-    summary.update(seconds=round(time.time() - t0, 1), history=history)
-    (run_dir / "calibration.json").write_text(json.dumps({"temperature": temperature}) + "\n")
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    Returns:
+        A summary: best epoch, validation macro-F1 (against gold when present), temperature,
+        train seconds, the label sources and the per-epoch history.
+    """
+    t0 = time.time()
+    with RunDir(cfg.run_dir, lock=jax.process_index() == 0) as run_dir:
+        parts = data_lib.split_examples(_examples(cfg))
+        y_train, y_val, val_source = _labels(cfg, parts)
+        mesh = make_mesh(cfg.mesh)
+        batch = _batch_size(cfg, mesh)
+        tokenizer = _tokenizer(cfg, run_dir.path, parts["train"])
+        enc_train = encode(tokenizer, parts["train"], cfg.data.text, cfg.model.max_length)
+        enc_val = encode(tokenizer, parts["validation"], cfg.data.text, cfg.model.max_length)
+        source, config = classifier_source(cfg, tokenizer, mesh)
+        counts = np.maximum(np.bincount(y_train, minlength=3), 1)
+        preset = "balanced" if cfg.class_weighted else "uniform"
+        weights = L.class_weights(preset, class_frequencies=counts)
+        task = ClassifierTask(enc_train, y_train, enc_val, y_val, batch=batch,
+                              class_weights=weights, seed=cfg.seed)  # fmt: skip
+        per_epoch = max(len(y_train) // batch, 1)
+        loop = Loop(
+            steps=per_epoch * cfg.epochs, eval_every=per_epoch, patience=cfg.patience,
+            keep_best=True, checkpoint=dataclasses.replace(cfg.checkpoint, every=per_epoch),
+            log=LogSection(every=per_epoch, tensorboard=False, plot=False, progress=cfg.progress),
+        )  # fmt: skip
+        if jax.process_index() == 0:
+            run_dir.write_config(to_dict(cfg))
+        result = fit(task, source, run_dir=run_dir.path, mesh=mesh, optim_cfg=cfg.optim,
+                     loop=loop, seed=cfg.seed, config=to_dict(cfg))  # fmt: skip
+        val_logits = predict_logits(result.model, enc_val, batch)
+        best_f1 = label_metrics(y_val, val_logits.argmax(-1))["macro_f1"]
+        temperature = fit_temperature(val_logits, y_val)
+        hf.save_pretrained(result.model, config, run_dir.path / "hf", tokenizer=tokenizer)
+        history = _history(run_dir.path / "metrics.jsonl", per_epoch)
+        best_epoch = result.best["step"] // per_epoch if result.best else 0
+        summary = dict(best_epoch=best_epoch, epochs_run=result.steps // per_epoch)
+        summary.update(val_macro_f1=best_f1, val_labels=val_source, train_labels=cfg.data.labels)
+        summary.update(temperature=temperature, seconds=round(time.time() - t0, 1), history=history)
+        if jax.process_index() == 0:
+            (run_dir.path / "calibration.json").write_text(
+                json.dumps({"temperature": temperature}) + "\n"
+            )
+            (run_dir.path / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(
         f"[classify] best val macro-F1 {best_f1:.3f} ({val_source} labels) at epoch "
-        f"{best_epoch}/{len(history)}; T={temperature:.3f}; {summary['seconds']}s"
+        f"{best_epoch}/{summary['epochs_run']}; T={temperature:.3f}; {summary['seconds']}s"
     )
     return summary
 
 
-def _load_trained(cfg: ClassifyConfig) -> tuple[Any, Steps, float, int]:
+def _history(metrics_path: Path, per_epoch: int) -> list[dict[str, Any]]:
+    """Per epoch: mean train loss and validation macro-F1, from the run's ``metrics.jsonl``."""
+    rows = read_log(metrics_path) if metrics_path.exists() else []
+    train_loss = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+    return [
+        {"epoch": r["step"] // per_epoch, "loss": train_loss.get(r["step"]),
+         "val_macro_f1": r["macro_f1"]}
+        for r in rows if r["split"] == "validation" and r["step"] > 0
+    ]  # fmt: skip
+
+
+def _load_trained(cfg: ClassifyConfig) -> tuple[Any, Any, float, int]:
     """The exported classifier, its tokenizer, the fitted temperature and the batch size."""
     from transformers import AutoTokenizer
 
@@ -396,11 +338,11 @@ def _load_trained(cfg: ClassifyConfig) -> tuple[Any, Steps, float, int]:
     hf_dir, calib = run_dir / "hf", run_dir / "calibration.json"
     if not (hf_dir / "config.json").is_file() or not calib.is_file():
         raise FileNotFoundError(f"no trained classifier in {run_dir}: python classify.py train")
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    model, _ = models.load_pretrained(str(hf_dir), mesh=mesh)
+    mesh = make_mesh(cfg.mesh)
+    model, _ = hf.load_pretrained(str(hf_dir), mesh=mesh)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    steps = Steps(model, mesh)
-    return tokenizer, steps, json.loads(calib.read_text())["temperature"], _batch_size(cfg, mesh)
+    temperature = json.loads(calib.read_text())["temperature"]
+    return tokenizer, model, temperature, _batch_size(cfg, mesh)
 
 
 def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -414,14 +356,13 @@ def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
         confusion, nll, brier, ece.
     """
     run_dir = Path(cfg.run_dir)
-    tokenizer, steps, _, batch = _load_trained(cfg)
-    examples = _examples(cfg)
-    parts = data_lib.split_examples(examples)
+    tokenizer, model, _, batch = _load_trained(cfg)
+    parts = data_lib.split_examples(_examples(cfg))
     logits, labels = {}, {}
     for split in ("validation", "test"):
         if parts[split]:
             enc = encode(tokenizer, parts[split], cfg.data.text, cfg.model.max_length)
-            logits[split] = predict_logits(steps, steps.params, enc, batch)
+            logits[split] = predict_logits(model, enc, batch)
             gold = gold_labels(parts[split])
             labels[split] = gold if gold is not None else rule_labels(parts[split])
     if "validation" not in logits:
@@ -484,11 +425,11 @@ def annotate(cfg: ClassifyConfig) -> Path:
     if source.exists() and out.exists() and out.resolve() == source.resolve():
         raise ValueError(f"annotate output {out} is the input file; choose another output")
     if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --set overwrite=true to replace it")
-    tokenizer, steps, temperature, batch = _load_trained(cfg)
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     examples = _examples(cfg)
+    tokenizer, model, temperature, batch = _load_trained(cfg)
     enc = encode(tokenizer, examples, cfg.data.text, cfg.model.max_length)
-    probs = softmax(predict_logits(steps, steps.params, enc, batch) / temperature)
+    probs = softmax(predict_logits(model, enc, batch) / temperature)
     probs = L.validate_severity_probs(probs.astype(np.float64) / probs.sum(-1, keepdims=True))
     rows = []
     for ex, p in zip(examples, probs.astype(np.float64)):
@@ -499,28 +440,3 @@ def annotate(cfg: ClassifyConfig) -> Path:
     data_lib.save_examples(rows, out, overwrite=cfg.overwrite)
     print(f"[classify] annotated {len(rows)} examples -> {out} (T={temperature:.3f})")
     return out
-
-
-def ensure_annotated(run_dir: str | Path, cfg: ClassifyConfig | None = None) -> Path:
-    """The embedded set annotated by the tiny classifier, trained under ``run_dir`` if needed.
-
-    Args:
-        run_dir: the LM run's directory; the classifier lives in ``<run_dir>/severity_classifier``
-            and the annotated set is ``<run_dir>/annotated.jsonl``.
-        cfg: classifier config (default: the tiny defaults); its run_dir/output are replaced.
-
-    Returns:
-        The annotated JSONL's path (reused when it already exists).
-    """
-    out = Path(run_dir) / "annotated.jsonl"
-    if out.is_file():
-        return out
-    cfg = dataclasses.replace(
-        cfg or ClassifyConfig(),
-        run_dir=str(Path(run_dir) / "severity_classifier"),
-        output=str(out),
-        overwrite=False,
-    )
-    if not (Path(cfg.run_dir) / "calibration.json").is_file():
-        run(cfg)
-    return annotate(cfg)

@@ -7,16 +7,19 @@ types from the annotations (``int``, ``float``, ``str``, ``bool``, ``X | None``,
 ``Literal[...]`` choices, nested sections, ``dict[str, str]``), then each section's own
 ``validate()``. Unknown keys raise ``ValueError`` naming the key and listing the allowed ones.
 
-Typical use (an entry script)::
+The schemas themselves live in :mod:`sevjax.schema`; :func:`describe` lists every key of one
+with its default and help text (``python train.py --print-config``).
 
-    cfg = sevjax.config.parse_cli(TrainConfig, sys.argv[1:])
-    # python train.py --config configs/tiny.yaml --set optim.lr=3e-4 --set mesh.data=2
+Typical use::
+
+    cfg = load(TrainConfig, "configs/tiny.yaml", ["optim.lr=3e-4", "mesh.data=2"])
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -259,14 +262,25 @@ def load(
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: on unknown keys (listing allowed keys) or invalid values (listing choices).
+        ValueError: on unknown keys (listing allowed keys), invalid values (listing choices) or
+            a YAML syntax error (naming the file, line and column).
     """
     data = to_dict(schema_cls())
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a directory; expected a YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {path}: invalid YAML{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path}: not UTF-8 text") from None
         if not isinstance(overlay, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level")
         try:
@@ -279,207 +293,36 @@ def load(
     return from_dict(schema_cls, data)
 
 
-def parse_cli(schema_cls: type[S], argv: Sequence[str] | None = None) -> S:
-    """Parses ``--config PATH`` and repeated ``--set key=value`` into a validated config.
+def _field_help(cls: type) -> dict[str, str]:
+    """Field name -> its trailing ``# comment`` in the class source (the field's help text)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+): [^\n#]+?#\s*(.+)$", source, flags=re.MULTILINE)
+    return dict(found)
 
-    Args:
-        schema_cls: the schema to load.
-        argv: command-line arguments without the program name (default: ``sys.argv[1:]``).
 
-    Returns:
-        The loaded config (see :func:`load`).
+def describe(schema_cls: type[Section], prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every key of a schema: ``(dotted key, default as JSON, help)`` in declaration order.
+
+    The help text is the trailing ``# comment`` of the field in :mod:`sevjax.schema`; a section
+    is listed with an empty default and the first line of its docstring.
     """
-    parser = argparse.ArgumentParser(
-        description=schema_cls.__doc__.splitlines()[0] if schema_cls.__doc__ else None
-    )
-    parser.add_argument("--config", default=None, help="YAML overlay on the defaults")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    return load(schema_cls, args.config, args.overrides)
+    import json
 
-
-# ---------------------------------------------------------------------------------------------
-# The training schema. Its defaults are the tiny CPU run (configs/tiny.yaml restates them).
-# ---------------------------------------------------------------------------------------------
-
-WEIGHTING_PRESETS = ("uniform", "linear", "balanced")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection(Section):
-    """The LM: a pretrained checkpoint, or a random-init model of the given sizes."""
-
-    name_or_path: str | None = None  # HF Hub id or local dir; None = random init below
-    tokenizer: str | None = None  # default: name_or_path, or a BPE trained on the data
-    model_type: Literal["gpt2", "llama", "qwen2"] = "gpt2"  # random init only
-    layers: int = 2
-    width: int = 128
-    heads: int = 4
-    kv_heads: int | None = None  # llama/qwen2 only; None = heads
-    vocab_size: int = 1024  # random init: also the BPE tokenizer's size
-    max_positions: int = 512
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute; params stay float32
-
-    def validate(self) -> None:
-        for name in ("layers", "width", "heads", "vocab_size", "max_positions"):
-            positive(f"model.{name}", getattr(self, name))
-        if self.width % self.heads:
-            raise ValueError(f"model.width={self.width} must be a multiple of heads={self.heads}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection(Section):
-    """Where the (annotated) examples come from and how they become token batches."""
-
-    path: str | None = None  # csv/json/jsonl/parquet or Hub id; None = the embedded set
-    columns: dict[str, str] | None = None  # our field -> the file's column
-    template: str = "الشكوى: {complaint}\nالرد: "  # prompt when there is no chat template
-    chat_template: bool = True  # use the tokenizer's chat template when it has one
-    buckets: tuple[int, ...] = (64, 128, 256)  # padded lengths; the largest is the max length
-    pack: bool = False  # several examples per row (segment ids, per-token weights)
-    batch_size: int = 16  # rows per micro-batch, across all devices
-    max_train_examples: int | None = None  # a deterministic subset, for quick runs
-    max_eval_examples: int | None = None
-
-    def validate(self) -> None:
-        if not self.buckets or min(self.buckets) < 2:
-            raise ValueError(f"data.buckets must be lengths >= 2, got {self.buckets}")
-        positive("data.batch_size", self.batch_size)
-        if "{complaint}" not in self.template:
-            raise ValueError(f"data.template must contain {{complaint}}, got {self.template!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSection(Section):
-    """``ce`` (plain token mean) or ``severity`` (per-example weights from severity probs)."""
-
-    mode: Literal["ce", "severity"] = "severity"
-    weighting: str | tuple[float, ...] = "linear"  # uniform | linear | balanced | [w1, w2, w3]
-    normalize: Literal["tokens", "weighted", "sequence"] = "tokens"
-    z_loss: float = 0.0
-    chunked_vocab_threshold: int = 65536  # vocab sizes above this use the chunked loss
-    chunk_size: int = 2048  # tokens per chunk of the chunked loss
-
-    def validate(self) -> None:
-        if isinstance(self.weighting, str):
-            choice("loss.weighting", self.weighting, WEIGHTING_PRESETS + ("<list of 3 numbers>",))
-        elif len(self.weighting) != 3 or min(self.weighting) <= 0:
-            raise ValueError(f"loss.weighting: expected 3 positive numbers, got {self.weighting}")
-        positive("loss.z_loss", self.z_loss, allow_zero=True)
-        positive("loss.chunk_size", self.chunk_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection(Section):
-    """AdamW with warmup and decay; gradient accumulation over ``grad_accum`` micro-batches."""
-
-    lr: float = 2e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.01  # not applied to norms, biases and embeddings
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global norm; 0 = off
-    grad_accum: int = 1
-
-    def validate(self) -> None:
-        positive("optim.lr", self.lr)
-        positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
-        positive("optim.grad_accum", self.grad_accum)
-        positive("optim.grad_clip", self.grad_clip, allow_zero=True)
-        positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection(Section):
-    """Device mesh sizes; one may be -1 (the remaining devices)."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-
-    def validate(self) -> None:
-        sizes = (self.data, self.fsdp, self.tensor)
-        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh sizes must be >= 1 with at most one -1, got {sizes}")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSection(Section):
-    """Orbax checkpoints under ``<run_dir>/checkpoints``."""
-
-    every: int = 100  # steps; the last step is always saved
-    keep: int = 2
-    async_save: bool = True
-    resume: bool = True  # resume from the latest checkpoint in run_dir
-
-    def validate(self) -> None:
-        positive("checkpoint.every", self.every)
-        positive("checkpoint.keep", self.keep)
-
-
-@dataclasses.dataclass(frozen=True)
-class LogSection(Section):
-    """JSONL + TensorBoard every ``every`` steps, a progress bar and a loss-curve PNG."""
-
-    every: int = 10
-    progress: bool = True
-    tensorboard: bool = True
-    plot: bool = True
-
-    def validate(self) -> None:
-        positive("log.every", self.every)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSection(Section):
-    """Validation loss / perplexity, overall and per severity."""
-
-    every: int = 50  # steps; also before the first step and after the last
-    batch_size: int = 32
-
-    def validate(self) -> None:
-        positive("eval.every", self.every)
-        positive("eval.batch_size", self.batch_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(Section):
-    """Severity-aware LM fine-tuning (``python train.py``; defaults = the tiny CPU run)."""
-
-    run_dir: str = "runs/tiny"
-    seed: int = 0
-    steps: int = 200
-    export_hf: bool = True  # write <run_dir>/hf at the end
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    loss: LossSection = dataclasses.field(default_factory=LossSection)
-    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    log: LogSection = dataclasses.field(default_factory=LogSection)
-    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
-
-    def validate(self) -> None:
-        positive("steps", self.steps)
-        if self.data.pack and self.loss.normalize == "sequence":
-            raise ValueError(
-                "loss.normalize='sequence' needs one example per row; "
-                "set data.pack=false or another loss.normalize"
+    out = []
+    defaults = schema_cls()
+    helps = _field_help(schema_cls)
+    for f in dataclasses.fields(schema_cls):
+        key, value = f"{prefix}{f.name}", getattr(defaults, f.name)
+        if isinstance(value, Section):
+            doc = (type(value).__doc__ or "").strip().splitlines()
+            out.append((key, "", doc[0] if doc else ""))
+            out += describe(type(value), prefix=f"{key}.")
+        else:
+            text = json.dumps(
+                to_dict(value) if isinstance(value, tuple) else value, ensure_ascii=False
             )
-        if self.model.name_or_path is None and max(self.data.buckets) > self.model.max_positions:
-            raise ValueError(
-                f"max(data.buckets)={max(self.data.buckets)} exceeds "
-                f"model.max_positions={self.model.max_positions}"
-            )
+            out.append((key, text, helps.get(f.name, "")))
+    return out

@@ -46,19 +46,25 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
-class _RowError(ValueError):
-    """A problem with one row; carries the column name."""
+_Column = str | tuple[str, ...] | None  # a tuple names the columns of a check across columns
+_Records = list[tuple[int, int | None, Any]]  # (1-based row, line | None, record | _RowError)
 
-    def __init__(self, column: str | None, message: str):
+
+class _RowError(ValueError):
+    """A problem with one row; carries the column name(s)."""
+
+    def __init__(self, column: _Column, message: str):
         super().__init__(message)
         self.column = column
 
 
-def _where(file: str, row: int | None, line: int | None, column: str | None) -> str:
+def _where(file: str, row: int | None, line: int | None, column: _Column) -> str:
     parts = [file]
     if row is not None:
         parts.append(f"row {row}" + (f" (line {line})" if line is not None else ""))
-    if column is not None:
+    if isinstance(column, tuple):
+        parts.append("columns " + "/".join(column))
+    elif column is not None:
         parts.append(f"column {column!r}")
     return ", ".join(parts)
 
@@ -67,17 +73,44 @@ def _where(file: str, row: int | None, line: int | None, column: str | None) -> 
 # Readers: each yields (row_number, line_number | None, record | _RowError)
 # ------------------------------------------------------------------------------------------
 
+_BOMS = {b"\xef\xbb\xbf": "utf-8", b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}
+_SIGNATURES = {b"PK\x03\x04": "a ZIP archive (an Excel .xlsx workbook?)", b"PAR1": "a Parquet file"}
 
-def _decode(path: Path) -> str:
-    """Decodes UTF-8 (BOM allowed); undecodable bytes become lone surrogates that the row
-    checks report with their row and column."""
+
+def _binary_message(file: str, data: bytes) -> str:
+    """Why ``data`` (no BOM, holding NUL bytes or a binary signature) is not UTF-8 text."""
+    sample = data[:400]
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)  # UTF-16 puts ASCII's NULs on one
+    what = next((w for sig, w in _SIGNATURES.items() if data.startswith(sig)), None)
+    if what is None and min(even, odd) == 0 and max(even, odd) >= len(sample) / 20:
+        what = f"UTF-16 {'LE' if odd else 'BE'} text without a byte-order mark"
+    what = what or f"a binary file (NUL byte at offset {data.find(0)})"
+    fix = "save it as UTF-8 ('CSV UTF-8' in Excel) or as UTF-16 with a byte-order mark"
+    return f"{file}: not UTF-8 text, it looks like {what}; {fix}"
+
+
+def _decode(path: Path, file: str) -> str:
+    """Decodes UTF-8, or UTF-16 after its byte-order mark (as Excel and Notepad write it).
+    Bytes that are not UTF-8 become lone surrogates that the row checks locate; NULs refuse."""
     data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    return data.decode("utf-8", errors="surrogateescape")
+    encoding = "utf-8"
+    for bom, name in _BOMS.items():
+        if data.startswith(bom):
+            data, encoding = data[len(bom) :], name
+            break
+    if encoding == "utf-8" and 0 in data:  # no UTF-8 text holds NUL; binary formats do
+        raise ValueError(_binary_message(file, data))
+    try:
+        text = data.decode(encoding, errors="surrogateescape" if encoding == "utf-8" else "strict")
+    except UnicodeDecodeError as e:
+        where = f"{file}, line {data[: e.start].decode(encoding).count(chr(10)) + 1}"
+        raise ValueError(f"{where}: not valid {encoding.upper()} ({e.reason})") from None
+    if not text.strip():
+        raise ValueError(f"{file}: the file is empty (only whitespace or a byte-order mark)")
+    return text
 
 
-def _read_jsonl(text: str) -> Iterable[tuple[int, int | None, Any]]:
+def _read_jsonl(text: str, file: str) -> Iterable[tuple[int, int | None, Any]]:
     row = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -90,37 +123,65 @@ def _read_jsonl(text: str) -> Iterable[tuple[int, int | None, Any]]:
         yield row, line_no, record
 
 
-def _read_json(text: str) -> Iterable[tuple[int, int | None, Any]]:
+def _read_json(text: str, file: str) -> Iterable[tuple[int, int | None, Any]]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        yield from _read_jsonl(text)  # a .json file holding JSON Lines, as datasets allows
+    except json.JSONDecodeError as e:
+        first = next(line for line in text.splitlines() if line.strip())
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:  # not JSON Lines either: point at the document's error
+            where = f"{file}, line {e.lineno}, column {e.colno}"
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        yield from _read_jsonl(text, file)  # a .json file holding JSON Lines, as datasets allows
         return
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
+    top = "the top level"
+    if isinstance(data, dict) and "data" in data:
+        data, top = data["data"], "'data'"
     if not isinstance(data, list):
-        raise ValueError("expected a JSON array of objects (or {'data': [...]}) at the top level")
+        kind = {dict: "object", str: "string"}.get(type(data), f"value {json.dumps(data)}")
+        keys = list(data)[:8] if isinstance(data, dict) else None
+        top += f" is a JSON {kind}" + (f" with keys {keys}" if keys else "")
+        expected = "an array of objects [{...}, ...] or an object {'data': [...]}"
+        raise ValueError(f"{file}: {top}; expected {expected}")
+    if not data:
+        raise ValueError(f"{file}: no data rows (the JSON array is empty)")
     for row, record in enumerate(data, start=1):
         yield row, None, record
 
 
-def _read_csv(text: str) -> Iterable[tuple[int, int | None, Any]]:
+def _read_csv(text: str, file: str) -> Iterable[tuple[int, int | None, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None:
-        return
+    header = next((h for h in reader if h), None)  # _decode refused a file with no text
     header = [h.strip() for h in header]
     row, line = 0, reader.line_num + 1
-    for values in reader:
-        start, line = line, reader.line_num + 1
-        if not values:
-            continue
-        row += 1
-        if len(values) != len(header):
-            err = _RowError(None, f"{len(values)} fields, header has {len(header)}")
-            yield row, start, err
-        else:
-            yield row, start, dict(zip(header, values))
+    try:
+        for values in reader:
+            start, line = line, reader.line_num + 1
+            if not values:
+                continue
+            row += 1
+            if len(values) != len(header):
+                err = _RowError(None, f"{len(values)} fields, header has {len(header)}")
+                yield row, start, err
+            else:
+                yield row, start, dict(zip(header, values))
+    except csv.Error as e:  # e.g. an unclosed quote running past the field size limit
+        raise ValueError(f"{file}, row {row + 1} (line {line}): bad CSV ({e})") from None
+    if not row:
+        raise ValueError(f"{file}: has a header but no data rows (columns: {', '.join(header)})")
+
+
+def _read_parquet(path: Path, file: str) -> _Records:
+    import pyarrow.parquet as pq
+
+    try:  # the footer check is fast and names the file; datasets would log a traceback first
+        meta = pq.read_metadata(path)
+    except Exception as e:  # pyarrow raises several types; the message matters
+        raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+    if meta.num_rows == 0:
+        raise ValueError(f"{file}: no data rows (the Parquet file has 0 rows)")
+    return list(_read_datasets(file, path))
 
 
 def _read_datasets(source: str, path: Path | None) -> Iterable[tuple[int, int | None, Any]]:
@@ -132,7 +193,7 @@ def _read_datasets(source: str, path: Path | None) -> Iterable[tuple[int, int | 
         else:
             loaded = datasets.load_dataset(source)
     except Exception as e:  # datasets raises many types; the message matters
-        raise ValueError(f"could not load {source!r} with datasets: {e}") from e
+        raise ValueError(f"{source}: could not load it with datasets: {e}") from e
     row = 0
     for split_name, ds in loaded.items():
         for record in ds:
@@ -143,9 +204,43 @@ def _read_datasets(source: str, path: Path | None) -> Iterable[tuple[int, int | 
             yield row, None, record
 
 
+def _directory_message(path: Path) -> str:
+    found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _FORMATS)
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    inside = f"data files in it: {shown}" if found else "it holds no data files"
+    return f"{path} is a directory; expected a data file ({', '.join(_FORMATS)}); {inside}"
+
+
+def _read_source(source: str | Path) -> _Records:
+    """Reads a local file or a Hub dataset into (row, line, record | _RowError) triples."""
+    path, file = Path(source), str(source)
+    if not (path.suffix.lower() in _FORMATS or path.exists()):
+        if isinstance(source, str) and _HUB_ID.match(source):
+            return list(_read_datasets(source, None))
+        raise FileNotFoundError(f"{source!r} is neither a local data file nor a Hub dataset id")
+    if path.is_dir():  # FileNotFoundError, not IsADirectoryError: what the entry scripts catch
+        raise FileNotFoundError(_directory_message(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported extension; expected one of {sorted(_FORMATS)}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{file}: the file is empty (0 bytes)")
+    if fmt == "parquet":
+        return _read_parquet(path, file)
+    text = _decode(path, file)
+    reader = {"csv": _read_csv, "json": _read_json, "jsonl": _read_jsonl}[fmt]
+    return list(reader(text, file))
+
+
 # ------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------
+
+# The row-sum tolerance of sevjax.loss.validate_severity_probs, applied here per row so that the
+# error names the file, row and line (tests/test_data.py checks the two agree).
+PROB_SUM_TOL = 1e-3
 
 
 def _check_text(value: Any, column: str, *, allow_int: bool = False) -> str:
@@ -204,7 +299,80 @@ def _convert(record: Any, mapping: Mapping[str, str], present: Sequence[str]) ->
             out[field] = split
         else:
             out[field] = _check_prob(value, column)
+    if PROB_FIELDS[0] in out:  # _present_fields ensured all three or none
+        total = sum(out[f] for f in PROB_FIELDS)
+        if abs(total - 1.0) > PROB_SUM_TOL:
+            message = f"probabilities sum to {total:.6g}, expected 1 (within 1e-3)"
+            raise _RowError(tuple(mapping[f] for f in PROB_FIELDS), message)
     return out
+
+
+def _column_mapping(columns: Mapping[str, str] | None, require: Sequence[str]) -> dict[str, str]:
+    mapping = {f: f for f in FIELDS}
+    for field, column in (columns or {}).items():
+        if field not in FIELDS:
+            raise ValueError(f"columns: unknown field {field!r}; our fields are {FIELDS}")
+        mapping[field] = column
+    unknown = [f for f in require if f not in FIELDS]
+    if unknown:
+        raise ValueError(f"require: unknown fields {unknown}; our fields are {FIELDS}")
+    return mapping
+
+
+def _present_fields(
+    file: str, records: _Records, mapping: Mapping[str, str], require: Sequence[str]
+) -> list[str]:
+    """Our fields whose columns the file has; raises if a required or probability column is
+    missing, or if no row is an object at all (then the first row's problem is the story)."""
+    if not any(isinstance(record, dict) for _, _, record in records):
+        _validate_rows(file, records[:1], mapping, (), drop_bad=False)  # raises row 1's problem
+    seen_columns = {c for _, _, record in records if isinstance(record, dict) for c in record}
+    for field in require:
+        if mapping[field] not in seen_columns:
+            undecodable = any(re.search("[\udc80-\udcff]", str(c)) for c in seen_columns)
+            hint = " (the header has bytes that are not UTF-8)" if undecodable else ""
+            raise ValueError(
+                f"{file}: missing column {mapping[field]!r} (field {field!r}); "
+                f"columns found: {sorted(seen_columns)}{hint}"
+            )
+    present = [f for f in FIELDS if mapping[f] in seen_columns]
+    probs = [f for f in PROB_FIELDS if f in present]
+    if probs and len(probs) != len(PROB_FIELDS):
+        missing = [mapping[f] for f in PROB_FIELDS if f not in probs]
+        raise ValueError(f"{file}: probability columns incomplete, missing {missing}")
+    return present
+
+
+def _validate_rows(
+    file: str, records: _Records, mapping: Mapping[str, str], present: Sequence[str], drop_bad: bool
+) -> list[dict[str, Any]]:
+    """Converts each record, raising (or, with ``drop_bad``, collecting) located row errors."""
+    examples, bad, first_ids = [], [], {}
+    for row, line, record in records:
+        try:
+            if isinstance(record, _RowError):
+                raise record
+            example = _convert(record, mapping, present)
+            if "id" in example:
+                if example["id"] in first_ids:
+                    first = first_ids[example["id"]]
+                    message = f"duplicate id {example['id']!r} (first seen at row {first})"
+                    raise _RowError(mapping["id"], message)
+                first_ids[example["id"]] = row
+            else:
+                example = {"id": f"row-{row:06d}", **example}
+        except _RowError as e:
+            message = f"{_where(file, row, line, e.column)}: {e}"
+            if not drop_bad:
+                raise ValueError(message) from None
+            bad.append(message)
+            continue
+        examples.append(example)
+    if bad:
+        print(f"load_examples: dropped {len(bad)} bad row(s) from {file}; first: {bad[0]}")
+    if not examples:
+        raise ValueError(f"{file}: no valid rows")
+    return examples
 
 
 def load_examples(
@@ -220,6 +388,7 @@ def load_examples(
     Args:
         source: None for the embedded set (:data:`EMBEDDED_PATH`); a local ``.csv``, ``.json``,
             ``.jsonl`` or ``.parquet`` file; or a Hub dataset id (``owner/name``, needs network).
+            Text files are UTF-8, or UTF-16 with a byte-order mark.
         columns: our field name -> the file's column, e.g. ``{"complaint": "question",
             "response": "answer", "specialty": "category"}``; unmapped fields keep their names.
         drop_bad: drop rows that fail validation (printing how many) instead of raising.
@@ -232,84 +401,18 @@ def load_examples(
         ``p_moderate``, ``p_critical`` when present. Texts are stripped; severity is lower case.
 
     Raises:
-        FileNotFoundError: if a local path does not exist.
-        ValueError: naming the file, the 1-based row (and line) and the column for a missing
-            column, empty or whitespace-only text, a non-string value, an unknown severity or
-            split, a bad probability, a duplicate id, undecodable bytes or unparsable JSON/CSV.
+        FileNotFoundError: if a local path does not exist or is a directory.
+        ValueError: naming the file for an empty, header-only, binary or corrupt file, and the
+            file, 1-based row (and line) and column for a missing column, empty or non-string
+            text, an unknown severity or split, a bad probability, probabilities not summing to
+            1 within :data:`PROB_SUM_TOL`, a duplicate id, undecodable bytes or bad JSON/CSV.
     """
-    mapping = {f: f for f in FIELDS}
-    for field, column in (columns or {}).items():
-        if field not in FIELDS:
-            raise ValueError(f"columns: unknown field {field!r}; our fields are {FIELDS}")
-        mapping[field] = column
-    unknown = [f for f in require if f not in FIELDS]
-    if unknown:
-        raise ValueError(f"require: unknown fields {unknown}; our fields are {FIELDS}")
+    mapping = _column_mapping(columns, require)
     source = EMBEDDED_PATH if source is None else source
-    path = Path(source)
     file = str(source)
-    if path.suffix.lower() in _FORMATS or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} not found")
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"{path}: unsupported extension; expected one of {sorted(_FORMATS)}")
-        if fmt == "parquet":
-            records = list(_read_datasets(file, path))
-        else:
-            text = _decode(path)
-            reader = {"csv": _read_csv, "json": _read_json, "jsonl": _read_jsonl}[fmt]
-            try:
-                records = list(reader(text))
-            except ValueError as e:
-                raise ValueError(f"{file}: {e}") from None
-    elif isinstance(source, str) and _HUB_ID.match(source):
-        records = list(_read_datasets(source, None))
-    else:
-        raise FileNotFoundError(f"{source!r} is neither a local data file nor a Hub dataset id")
-
-    seen_columns = set()
-    for _, _, record in records:
-        if isinstance(record, dict):
-            seen_columns |= set(record)
-    for field in require:
-        if mapping[field] not in seen_columns:
-            raise ValueError(
-                f"{file}: missing column {mapping[field]!r} (field {field!r}); "
-                f"columns found: {sorted(seen_columns)}"
-            )
-    present = [f for f in FIELDS if mapping[f] in seen_columns]
-    probs = [f for f in PROB_FIELDS if f in present]
-    if probs and len(probs) != len(PROB_FIELDS):
-        missing = [mapping[f] for f in PROB_FIELDS if f not in probs]
-        raise ValueError(f"{file}: probability columns incomplete, missing {missing}")
-
-    examples, bad, first_ids = [], [], {}
-    for row, line, record in records:
-        try:
-            if isinstance(record, _RowError):
-                raise record
-            example = _convert(record, mapping, present)
-            if "id" in example:
-                if example["id"] in first_ids:
-                    raise _RowError(
-                        mapping["id"],
-                        f"duplicate id {example['id']!r} (first seen at row {first_ids[example['id']]})",
-                    )
-                first_ids[example["id"]] = row
-            else:
-                example = {"id": f"row-{row:06d}", **example}
-        except _RowError as e:
-            message = f"{_where(file, row, line, e.column)}: {e}"
-            if not drop_bad:
-                raise ValueError(message) from None
-            bad.append(message)
-            continue
-        examples.append(example)
-    if bad:
-        print(f"load_examples: dropped {len(bad)} bad row(s) from {file}; first: {bad[0]}")
-    if not examples:
-        raise ValueError(f"{file}: no valid rows")
+    records = _read_source(source)
+    present = _present_fields(file, records, mapping, require)
+    examples = _validate_rows(file, records, mapping, present, drop_bad)
     if "split" not in present:
         examples = assign_splits(examples, seed=seed)
     return examples

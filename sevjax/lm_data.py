@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from sevjax import loss as sevloss
-from sevjax.config import TrainConfig
+from sevjax.schema import TrainConfig
 from sevjax.tokenizer import train_bpe_tokenizer
 
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "loss_mask", "weights", "severity")
@@ -139,7 +139,10 @@ def encode_examples(
             f"{max_length} tokens; dropped {dropped} with no response token left"
         )
     if not tokens:
-        raise ValueError(f"{name}: no example has a response token within max_length={max_length}")
+        raise ValueError(
+            f"{name}: no example keeps a response token within the largest of data.buckets "
+            f"({max_length} tokens); raise data.buckets"
+        )
     keep = np.asarray(keep, np.int64)
     return Encoded(
         tokens,
@@ -296,7 +299,7 @@ def eval_batches(
 
 def _probs_of(examples: list[dict[str, Any]]) -> np.ndarray | None:
     keys = [f"p_{s}" for s in sevloss.SEVERITIES]
-    if not examples or not all(k in ex and ex[k] is not None for ex in examples for k in keys):
+    if not has_probabilities(examples):
         return None
     return sevloss.validate_severity_probs(np.array([[ex[k] for k in keys] for ex in examples]))
 
@@ -310,31 +313,31 @@ def _severity_of(examples: list[dict[str, Any]], probs: np.ndarray | None) -> np
     return np.full(len(examples), -1, np.int32)
 
 
-def load_annotated(cfg: TrainConfig, run_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Train / validation examples, with severity probabilities when the loss needs them.
+def has_probabilities(examples: list[dict[str, Any]]) -> bool:
+    """Whether every example carries p_mild, p_moderate and p_critical."""
+    keys = [f"p_{s}" for s in sevloss.SEVERITIES]
+    return bool(examples) and all(ex.get(k) is not None for ex in examples for k in keys)
 
-    The embedded set (``data.path`` unset) is annotated on the fly by the tiny classifier
-    (``sevjax.classify.ensure_annotated``); any other file must already carry p_mild, p_moderate,
-    p_critical.
+
+def training_splits(cfg: TrainConfig, examples: list[dict[str, Any]]) -> dict[str, list]:
+    """Train / validation examples (``data.max_*_examples`` applied).
+
+    Raises:
+        ValueError: the severity-weighted loss is asked for but the examples have no severity
+            probabilities (the message says how to annotate them), or a split is empty.
     """
     from sevjax import data as data_lib
 
-    examples = data_lib.load_examples(cfg.data.path, columns=cfg.data.columns)
-    if cfg.loss.mode == "severity" and _probs_of(examples) is None:
-        if cfg.data.path is not None:
-            raise ValueError(
-                f"{cfg.data.path} has no severity probabilities (p_mild, p_moderate, p_critical). "
-                "Annotate it with the severity classifier first:\n"
-                "  python classify.py train\n"
-                f"  python classify.py annotate --set data.path={cfg.data.path} "
-                "--set output=annotated.jsonl\n"
-                "then train with --set data.path=annotated.jsonl (or use --set loss.mode=ce)"
-            )
-        from sevjax import classify
-
-        path = classify.ensure_annotated(run_dir)
-        print(f"[data] using severity-annotated examples {path}")
-        examples = data_lib.load_examples(str(path))
+    if cfg.loss.mode == "severity" and not has_probabilities(examples):
+        source = cfg.data.path or "the embedded data set"
+        raise ValueError(
+            f"{source} has no severity probabilities (p_mild, p_moderate, p_critical). "
+            "Annotate it with the severity classifier first:\n"
+            "  python classify.py train\n"
+            f"  python classify.py annotate --set data.path={cfg.data.path} "
+            "--set output=annotated.jsonl\n"
+            "then train with --set data.path=annotated.jsonl (or use --set loss.mode=ce)"
+        )
     splits = data_lib.split_examples(examples)
     out = {"train": splits["train"], "validation": splits["validation"]}
     for name, limit in (
@@ -342,7 +345,7 @@ def load_annotated(cfg: TrainConfig, run_dir: Path) -> dict[str, list[dict[str, 
         ("validation", cfg.data.max_eval_examples),
     ):
         if not out[name]:
-            raise ValueError(f"the data has no {name!r} split (field 'split')")
+            raise ValueError(f"{cfg.data.path or 'the data'} has no {name!r} split (field 'split')")
         out[name] = out[name][:limit] if limit is not None else out[name]
     return out
 
@@ -404,8 +407,13 @@ def encode(cfg: TrainConfig, splits: dict, tokenizer: Any) -> dict[str, Encoded]
     return out
 
 
-def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[Any, dict[str, Encoded]]:
-    """``(tokenizer, {"train": Encoded, "validation": Encoded})`` for a training run."""
-    splits = load_annotated(cfg, run_dir)
+def prepare(
+    cfg: TrainConfig, run_dir: Path, examples: list[dict[str, Any]]
+) -> tuple[Any, dict[str, Encoded]]:
+    """The tokenize stage: ``(tokenizer, {"train": Encoded, "validation": Encoded})``.
+
+    Writes ``<run_dir>/tokenizer`` when it trains a tokenizer (random-init models only).
+    """
+    splits = training_splits(cfg, examples)
     tokenizer = load_tokenizer(cfg, run_dir, splits["train"])
     return tokenizer, encode(cfg, splits, tokenizer)

@@ -162,8 +162,15 @@ def _reduce(
     return loss_from_sums(aux, normalize=normalize), aux
 
 
-def loss_from_sums(aux: dict[str, jax.Array], *, normalize: str = "tokens") -> jax.Array:
-    """The loss from (possibly summed) ``aux`` dicts, so micro-batches and shards combine exactly.
+def loss_terms(
+    aux: dict[str, jax.Array], *, normalize: str = "tokens"
+) -> tuple[jax.Array, jax.Array]:
+    """``(numerator, denominator)`` of the loss from (possibly summed) ``aux`` dicts.
+
+    The numerator is a sum over tokens (or sequences), so it adds up across micro-batches and
+    shards; the denominator depends on the data only (counts, weights). Their ratio is
+    :func:`loss_from_sums`, and the gradient of the whole batch's loss is the summed gradient of
+    the numerators divided by the denominator (how a trainer accumulates exactly).
 
     ``"tokens"``: ``sum(w*m*l) / max(sum(m), 1)``; ``"weighted"``: ``sum(w*m*l) / max(sum(w*m),
     eps)``; ``"sequence"``: mean over sequences with at least one loss token of
@@ -171,12 +178,18 @@ def loss_from_sums(aux: dict[str, jax.Array], *, normalize: str = "tokens") -> j
     """
     weighted = aux["weighted_nll_sum"] + aux["z_loss_sum"]
     if normalize == "tokens":
-        return weighted / jnp.maximum(aux["token_count"], 1.0)
+        return weighted, jnp.maximum(aux["token_count"], 1.0)
     if normalize == "weighted":
-        return weighted / jnp.maximum(aux["weight_sum"], _WEIGHT_EPS)
+        return weighted, jnp.maximum(aux["weight_sum"], _WEIGHT_EPS)
     if normalize == "sequence":
-        return aux["sequence_loss_sum"] / jnp.maximum(aux["sequence_count"], 1.0)
+        return aux["sequence_loss_sum"], jnp.maximum(aux["sequence_count"], 1.0)
     raise ValueError(f"unknown normalize={normalize!r}; choose one of {NORMALIZATIONS}")
+
+
+def loss_from_sums(aux: dict[str, jax.Array], *, normalize: str = "tokens") -> jax.Array:
+    """The loss from (possibly summed) ``aux`` dicts: the ratio of :func:`loss_terms`."""
+    numerator, denominator = loss_terms(aux, normalize=normalize)
+    return numerator / denominator
 
 
 def severity_weighted_cross_entropy(

@@ -1,33 +1,20 @@
-"""Optimizer, learning-rate schedule and exact gradient accumulation.
+"""Optimizer and learning-rate schedule.
 
 AdamW (optax) after global-norm clipping, with weight decay only on 2-D ``kernel`` matrices (norms,
 biases and embeddings are left alone). Parameters and optimizer state are float32 whatever the
-compute dtype of the model, so bf16 compute keeps float32 master weights.
-
-Gradient accumulation is exact: each micro-batch contributes the *numerator* of the loss (sums from
-``sevjax.loss``'s ``aux``) and its gradient; the denominators (token count, weight sum or number of
-sequences) are added up too, and only the totals are divided, so A micro-batches of B rows give the
-same loss and gradient as one batch of A*B rows.
+compute dtype of the model, so bf16 compute keeps float32 master weights. (Exact gradient
+accumulation is part of the train step, in :mod:`sevjax.trainer`.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sevjax.config import OptimSection
-from sevjax.loss import loss_from_sums
-
-# aux keys summed into the loss numerator under each normalization (see sevjax.loss.loss_from_sums)
-NUMERATOR_KEYS = {
-    "tokens": ("weighted_nll_sum", "z_loss_sum"),
-    "weighted": ("weighted_nll_sum", "z_loss_sum"),
-    "sequence": ("sequence_loss_sum",),
-}
+from sevjax.schema import OptimSection
 
 
 def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
@@ -112,51 +99,3 @@ def opt_state_shardings(
         param_shardings,
         transform_non_params=lambda _: replicated,
     )
-
-
-def accumulate_gradients(
-    aux_fn: Callable[[Any, Any], dict[str, jax.Array]],
-    params: Any,
-    micro_batches: Any,
-    *,
-    normalize: str,
-) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """Exact loss and gradient of a batch split into micro-batches (``lax.scan`` over axis 0).
-
-    Args:
-        aux_fn: ``(params, micro_batch) -> aux`` dict of float32 sums (``sevjax.loss`` aux keys,
-            plus any extra summable metrics).
-        params: parameter tree (float32).
-        micro_batches: tree of arrays ``[A, ...]``; the scan runs over A.
-        normalize: the loss normalization, a key of :data:`NUMERATOR_KEYS`.
-
-    Returns:
-        ``(loss, aux, grads)``: the whole batch's loss (``loss_from_sums`` of the summed aux), the
-        summed aux, and the gradient of the loss (float32, like ``params``).
-    """
-    keys = NUMERATOR_KEYS[normalize]
-
-    def loss_fn(p: Any, mb: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        aux = aux_fn(p, mb)
-        return sum(aux[k] for k in keys), aux
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def body(carry, mb):
-        grad_sum, aux_sum = carry
-        (_, aux), grads = grad_fn(params, mb)
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-        return (grad_sum, aux_sum), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    aux_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: aux_fn(params, first)))
-    (grad_sum, aux), _ = jax.lax.scan(body, (zeros, aux_zero), micro_batches)
-    loss = loss_from_sums(aux, normalize=normalize)
-    # The loss is linear in its numerator with a data-only denominator: d loss / d numerator.
-    scale = jax.grad(lambda n: loss_from_sums({**aux, keys[0]: n}, normalize=normalize))(
-        aux[keys[0]]
-    )
-    grads = jax.tree.map(lambda g: g * scale, grad_sum)
-    return loss, aux, grads

@@ -9,8 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sevjax import models
 from sevjax.checkpoint import Checkpointer
-from sevjax.config import OptimSection
 from sevjax.optim import make_optimizer, opt_state_shardings
+from sevjax.schema import OptimSection
 from sevjax.sharding import make_mesh
 
 CONFIG = {
@@ -51,7 +51,7 @@ def saved(tmp_path_factory):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     ckpt = Checkpointer(directory, every=1, keep=2, async_save=True)
     for step in (1, 2, 3):
-        ckpt.save(step, _state(mesh, step), (step, 10 * step), {"steps": step})
+        ckpt.save(step, _state(mesh, step), {"epoch": step, "index": 10 * step}, {"steps": step})
     ckpt.close()
     return directory, _state(mesh, 3)
 
@@ -61,8 +61,8 @@ def test_keeps_last_k_and_restores_position_and_config(saved):
     ckpt = Checkpointer(directory, every=1, keep=2)
     assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
     mesh = make_mesh(data=8)
-    _, position = ckpt.restore(3, _state(mesh, 0))
-    assert position == (3, 30)
+    _, meta = ckpt.restore(3, _state(mesh, 0))
+    assert meta == {"epoch": 3, "index": 30}
     assert ckpt.restore_config(3) == {"steps": 3}
     ckpt.close()
 

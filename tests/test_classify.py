@@ -1,18 +1,18 @@
 """sevjax.classify: metrics, a "has a pulse" train/evaluate/annotate run, export, the F1 bound."""
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sevjax import calibration
+from sevjax import calibration, cli, pipeline
 from sevjax import classify as C
 from sevjax.config import load
 from sevjax.data import EMBEDDED_PATH, load_examples
 from sevjax.loss import SEVERITIES, validate_severity_probs
+from sevjax.schema import ClassifyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # One run serves every test below: small enough for shared CPUs (width 64, seq 64, vocab 512),
@@ -71,7 +71,7 @@ def test_fit_temperature_recovers_the_generating_temperature():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("classify")
-    cfg = load(C.ClassifyConfig, None, [f"run_dir={run_dir}", *TINY])
+    cfg = load(ClassifyConfig, None, [f"run_dir={run_dir}", *TINY])
     return cfg, C.run(cfg)
 
 
@@ -98,8 +98,8 @@ def test_export_matches_transformers(trained):
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = [ex["complaint"] for ex in load_examples()[:4]]
     enc = C.encode(tokenizer, [{"complaint": t} for t in texts], "complaint", 64)
-    _, steps, _, _ = C._load_trained(cfg)
-    ours = C.predict_logits(steps, steps.params, enc, 16)
+    _, model, _, _ = C._load_trained(cfg)
+    ours = C.predict_logits(model, enc, 16)
     torch_model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
     with torch.no_grad():
         ref = torch_model(
@@ -132,7 +132,7 @@ def test_annotate_writes_valid_probabilities_and_refuses_overwrite(trained, tmp_
     cfg, _ = trained
     digest = hashlib.sha256(EMBEDDED_PATH.read_bytes()).hexdigest()
     out = tmp_path / "annotated.jsonl"
-    cfg_out = load(C.ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={out}"])
+    cfg_out = load(ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={out}"])
     assert C.annotate(cfg_out) == out
     rows = load_examples(out)
     probs = validate_severity_probs(np.array([[r[f"p_{s}"] for s in SEVERITIES] for r in rows]))
@@ -146,52 +146,66 @@ def test_annotate_writes_valid_probabilities_and_refuses_overwrite(trained, tmp_
     assert hashlib.sha256(EMBEDDED_PATH.read_bytes()).hexdigest() == digest
 
     before = out.read_bytes()
-    with pytest.raises(FileExistsError, match="overwrite=true"):
+    with pytest.raises(FileExistsError, match="--overwrite"):
         C.annotate(cfg_out)
     assert out.read_bytes() == before
     C.annotate(
         load(
-            C.ClassifyConfig,
+            ClassifyConfig,
             None,
             [f"run_dir={cfg.run_dir}", *TINY, f"output={out}", "overwrite=true"],
         )
     )
 
     pq = tmp_path / "annotated.parquet"
-    C.annotate(load(C.ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={pq}"]))
+    C.annotate(load(ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={pq}"]))
     assert len(load_examples(pq)) == len(rows)
     same = [f"run_dir={cfg.run_dir}", f"data.path={out}", f"output={out}", "overwrite=true"]
     with pytest.raises(ValueError, match="is the input file"):
-        C.annotate(load(C.ClassifyConfig, None, same))
+        C.annotate(load(ClassifyConfig, None, same))
 
 
 def test_entry_script(trained, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("classify_script", ROOT / "classify.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main([]) == 2
-    assert script.main(["train", "--set", "epochz=3"]) == 2
+    assert cli.classify_main([]) == 2
+    assert cli.classify_main(["train", "--set", "epochz=3"]) == 2
     assert "unknown config key 'epochz'" in capsys.readouterr().err
     cfg, _ = trained
     out = tmp_path / "a.jsonl"
     out.write_text("{}\n")
     assert (
-        script.main(["annotate", "--set", f"run_dir={cfg.run_dir}", "--set", f"output={out}"]) == 1
+        cli.classify_main(["annotate", "--set", f"run_dir={cfg.run_dir}", "--set", f"output={out}"])
+        == 1
     )
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_text() == "{}\n"
+    # the README's flag replaces it
+    assert (
+        cli.classify_main(
+            [
+                "annotate",
+                "--overwrite",
+                "--set",
+                f"run_dir={cfg.run_dir}",
+                "--set",
+                f"output={out}",
+                *sum((["--set", t] for t in TINY), []),
+            ]
+        )
+        == 0
+    )
+    assert len(out.read_text().splitlines()) == len(load_examples())
 
 
-def test_ensure_annotated_trains_once(tmp_path, trained):
+def test_annotate_embedded_trains_once(tmp_path, trained):
     cfg, _ = trained
     run_dir = tmp_path / "lm_run"
-    # Reuse the trained classifier: ensure_annotated only annotates when it finds one.
+    # Reuse the trained classifier: annotate_embedded only annotates when it finds one.
     (run_dir / "severity_classifier").parent.mkdir(parents=True)
     (run_dir / "severity_classifier").symlink_to(Path(cfg.run_dir), target_is_directory=True)
-    path = C.ensure_annotated(run_dir, load(C.ClassifyConfig, None, TINY))
+    path = pipeline.annotate_embedded(run_dir, load(ClassifyConfig, None, TINY))
     assert path == run_dir / "annotated.jsonl" and path.is_file()
     mtime = path.stat().st_mtime_ns
-    assert C.ensure_annotated(run_dir) == path and path.stat().st_mtime_ns == mtime
+    assert pipeline.annotate_embedded(run_dir) == path and path.stat().st_mtime_ns == mtime
 
 
 def test_validation_f1_clearly_above_majority_baseline(trained):
@@ -211,21 +225,21 @@ def test_validation_f1_clearly_above_majority_baseline(trained):
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     args = [*TINY, "epochs=3", "patience=10"]
-    whole = C.run(load(C.ClassifyConfig, None, [f"run_dir={tmp_path / 'whole'}", *args]))
+    whole = C.run(load(ClassifyConfig, None, [f"run_dir={tmp_path / 'whole'}", *args]))
 
-    real, calls = C.label_metrics, []
+    real, calls = C.ClassifierTask.eval_record, []
 
-    def dies_in_third_epoch(y, pred):
+    def dies_in_third_epoch(self, sums):
         calls.append(1)
-        if len(calls) == 3:  # the process dies after two epoch checkpoints
+        if len(calls) == 4:  # step 0, then two epochs (each checkpointed), then the process dies
             raise KeyboardInterrupt
-        return real(y, pred)
+        return real(self, sums)
 
-    cfg = load(C.ClassifyConfig, None, [f"run_dir={tmp_path / 'resumed'}", *args])
-    monkeypatch.setattr(C, "label_metrics", dies_in_third_epoch)
+    cfg = load(ClassifyConfig, None, [f"run_dir={tmp_path / 'resumed'}", *args])
+    monkeypatch.setattr(C.ClassifierTask, "eval_record", dies_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         C.run(cfg)
-    monkeypatch.setattr(C, "label_metrics", real)
+    monkeypatch.setattr(C.ClassifierTask, "eval_record", real)
     resumed = C.run(cfg)
 
     def curve(summary):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sevjax.config import TrainConfig, from_dict, load, parse_cli, to_dict
+from sevjax.config import describe, from_dict, load, to_dict
+from sevjax.schema import TrainConfig
 
 CONFIGS = [
     Path(__file__).parents[1] / "configs" / f
@@ -82,13 +83,36 @@ def test_cross_field_checks():
         load(TrainConfig, overrides=["data.buckets=[1024]", "model.max_positions=512"])
 
 
-def test_parse_cli(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("steps: 3\n")
-    cfg = parse_cli(TrainConfig, ["--config", str(path), "--set", "seed=4", "--set", "mesh.data=2"])
-    assert (cfg.steps, cfg.seed, cfg.mesh.data) == (3, 4, 2)
-    with pytest.raises(FileNotFoundError):
-        parse_cli(TrainConfig, ["--config", str(tmp_path / "missing.yaml")])
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("steps: 5\noptim:\n  lr: [0.1\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: invalid YAML at line \d+, column \d+"):
+        load(TrainConfig, path)
+    with pytest.raises(ValueError, match="is a directory"):
+        load(TrainConfig, tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load(TrainConfig, tmp_path / "missing.yaml")
+
+
+def test_describe_lists_every_key_with_default_and_help():
+    rows = {k: (v, h) for k, v, h in describe(TrainConfig)}
+    assert rows["optim.lr"][0] == "0.002"
+    assert rows["data.buckets"][0] == "[64, 128, 256]"
+    assert rows["model.name_or_path"] == (
+        "null",
+        "HF Hub id or local dir; None = random init below",
+    )
+    assert rows["loss"][0] == "" and rows["loss"][1]  # a section, with its docstring line
+    leaves = {k for k, v, _ in describe(TrainConfig) if v != ""}
+    assert leaves == set(_flat_keys(to_dict(TrainConfig())))
+
+
+def _flat_keys(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("columns",):
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

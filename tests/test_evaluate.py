@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_metrics
+import test_bertscore
 
+from sevjax import cli, compare, models, schema, tokenizer
 from sevjax import evaluate as ev
-from sevjax import models, tokenizer
 from sevjax.config import from_dict, load
 
 REPO = Path(__file__).parents[1]
@@ -66,7 +66,7 @@ def setup(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     texts = [r["complaint"] for r in rows] + [r["response"] for r in rows]
-    scorer = test_metrics.make_tiny_bert(root / "scorer", texts)
+    scorer = test_bertscore.make_tiny_bert(root / "scorer", texts)
     common = {
         "max_examples": N_TEST,
         # Sampling: greedy decoding of a 2-step model only repeats the prompt's last token (a
@@ -79,10 +79,10 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compared(setup):
-    """train.run 2 steps per fine-tuned row, then the three evaluations and the report."""
+    """pipeline.train 2 steps per fine-tuned row, then the three evaluations and the report."""
     root, data, common = setup
     cfg = from_dict(
-        ev.CompareConfig,
+        schema.CompareConfig,
         {
             **common,
             "out_dir": str(root / "compare"),
@@ -91,7 +91,7 @@ def compared(setup):
             "bootstrap": {"n_resamples": 200},
         },
     )
-    return cfg, ev.compare(cfg)
+    return cfg, compare.run(cfg)
 
 
 def test_compare_writes_table_json_png(compared):
@@ -155,7 +155,8 @@ def test_evaluate_cli_reproduces_the_compare_row(compared, setup, capsys):
         f"scorer.model_path={common['scorer']['model_path']}",
         "scorer.layer=1",
     ]
-    assert ev.main(["evaluate", "--run", str(run), *sum((["--set", s] for s in sets), [])]) == 0
+    argv = ["evaluate", "--run", str(run), *sum((["--set", s] for s in sets), [])]
+    assert cli.train_main(argv) == 0
     assert "| overall |" in capsys.readouterr().out
     summary = json.loads((run / "eval-again" / "summary.json").read_text())
     expected = report["models"]["tiny-gpt2"]["rows"]["ce"]["overall"]
@@ -172,17 +173,17 @@ def test_bucketed_generation_equals_one_by_one():
     model = models.build(config, seed=0)
     prompts = [tok.encode(t) for t in texts]
     kw = dict(max_positions=64, eos_ids=(tok.eos_token_id,))
-    gen = ev.GenerationSection(max_new_tokens=6, batch_size=3, prompt_buckets=(4, 16))
+    gen = schema.GenerationSection(max_new_tokens=6, batch_size=3, prompt_buckets=(4, 16))
     batched = ev.generate_texts(model, tok, prompts, gen, **kw)
-    single = ev.GenerationSection(max_new_tokens=6, batch_size=1, prompt_buckets=(64,))
+    single = schema.GenerationSection(max_new_tokens=6, batch_size=1, prompt_buckets=(64,))
     assert batched == ev.generate_texts(model, tok, prompts, single, **kw)
     assert any(batched)
 
 
 def test_configs_load_and_scorer_layer_is_required():
-    cfg = load(ev.CompareConfig, REPO / "configs" / "compare-tiny.yaml")
+    cfg = load(schema.CompareConfig, REPO / "configs" / "compare-tiny.yaml")
     assert cfg.models and cfg.steps > 0
     with pytest.raises(ValueError, match="layer 9"):
-        load(ev.EvalConfig, overrides=["scorer.model_path=/some/bert"])
+        load(schema.EvalConfig, overrides=["scorer.model_path=/some/bert"])
     with pytest.raises(ValueError, match="unknown config key 'models\\[0\\].lr'"):
-        from_dict(ev.CompareConfig, {"models": [{"name": "a", "lr": 1}]})
+        from_dict(schema.CompareConfig, {"models": [{"name": "a", "lr": 1}]})

@@ -1,8 +1,8 @@
-"""train.run end to end on tiny configs: pulse, exact resume after SIGKILL, 8-device equality,
-compile-once, gradient accumulation, validation loss going down, non-finite loss handling."""
+"""The LM pipeline end to end on tiny configs: pulse, exact resume after SIGKILL, 8-device
+equality, compile-once, gradient accumulation, validation loss going down, non-finite steps."""
 
-import functools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 from sevjax import data as data_lib
-from sevjax import lm_data, optim, tokenizer, train
+from sevjax import lm_data, loop, optim, pipeline, tokenizer, train, trainer
 from sevjax.checkpoint import Checkpointer
-from sevjax.config import TrainConfig, load
+from sevjax.config import load
+from sevjax.schema import TrainConfig
 
 REPO = Path(__file__).parents[1]
 
@@ -94,9 +95,9 @@ def _losses(run_dir, split="train"):
 def reference(fixture_data, tmp_path_factory):
     """An uninterrupted 6-step single-device run."""
     run_dir = tmp_path_factory.mktemp("ref")
-    before = train.TRACES["train_step"]
-    summary = train.run(_cfg(fixture_data, run_dir))
-    return run_dir, summary, train.TRACES["train_step"] - before
+    before = trainer.TRACES["train_step"]
+    summary = pipeline.train(_cfg(fixture_data, run_dir))
+    return run_dir, summary, trainer.TRACES["train_step"] - before
 
 
 def test_reference_compiles_once_and_validation_improves(reference):
@@ -114,7 +115,7 @@ def test_two_step_pulse(fixture_data, tmp_path, mode):
         extra += ["model.dtype=bfloat16"]
     if mode == "severity":  # exercise every output once
         extra += ["export_hf=true", "log.plot=true", "log.tensorboard=true", "data.pack=true"]
-    summary = train.run(_cfg(fixture_data, tmp_path, *extra))
+    summary = pipeline.train(_cfg(fixture_data, tmp_path, *extra))
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in steps] == [1, 2]
@@ -142,8 +143,9 @@ def test_two_step_pulse(fixture_data, tmp_path, mode):
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from sevjax import checkpoint, train
-    from sevjax.config import TrainConfig, load
+    from sevjax import checkpoint, pipeline
+    from sevjax.config import load
+    from sevjax.schema import TrainConfig
 
     save = checkpoint.Checkpointer.save
 
@@ -155,7 +157,7 @@ KILL_SCRIPT = textwrap.dedent(
         return out
 
     checkpoint.Checkpointer.save = save_then_die
-    train.run(load(TrainConfig, overrides=sys.argv[1:]))
+    pipeline.train(load(TrainConfig, overrides=sys.argv[1:]))
     """
 )
 
@@ -167,7 +169,7 @@ def test_resume_after_sigkill_matches_uninterrupted(fixture_data, reference, tmp
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert max(_losses(tmp_path)) == 4
-    summary = train.run(load(TrainConfig, overrides=args))  # the same command again
+    summary = pipeline.train(load(TrainConfig, overrides=args))  # the same command again
     assert summary["val_loss_start"] is None  # resumed, not restarted
     ref, got = _losses(reference[0]), _losses(tmp_path)
     assert sorted(got) == sorted(ref)
@@ -178,62 +180,59 @@ def test_resume_after_sigkill_matches_uninterrupted(fixture_data, reference, tmp
 
 def test_eight_devices_match_one_compile_once_and_restore_on_one(fixture_data, reference, tmp_path):
     assert len(jax.devices()) == 8
-    before = train.TRACES["train_step"]
-    summary = train.run(_cfg(fixture_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
-    assert train.TRACES["train_step"] - before == 1
+    before = trainer.TRACES["train_step"]
+    summary = pipeline.train(
+        _cfg(fixture_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    )
+    assert trainer.TRACES["train_step"] - before == 1
     ref, got = _losses(reference[0]), _losses(tmp_path)
     for step in ref:
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
     assert abs(summary["val_loss_end"] - reference[1]["val_loss_end"]) <= 1e-5
     # the same command on one device restores the 8-device checkpoint (finished: eval + export)
-    again = train.run(_cfg(fixture_data, tmp_path, "mesh.data=1"))
+    again = pipeline.train(_cfg(fixture_data, tmp_path, "mesh.data=1"))
     assert abs(again["val_loss_end"] - summary["val_loss_end"]) <= 1e-5
 
 
 @pytest.fixture(scope="module")
 def small_model(fixture_data, tmp_path_factory):
-    """(graphdef, treedef, rest, params, one [1, 8, T] batch) of the tiny test model."""
+    """(cfg, data, graph, params, fixed, one [1, 8, T] batch) of the tiny test model."""
     run_dir = tmp_path_factory.mktemp("accum")
     cfg = _cfg(fixture_data, run_dir)
-    tokenizer, data = lm_data.prepare(cfg, run_dir)
-    model, _ = train.build_model(cfg, tokenizer, None)
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    tok, data = lm_data.prepare(cfg, run_dir, data_lib.load_examples(cfg.data.path))
+    source = train.model_source(cfg, train.model_config(cfg, tok), None)
+    graph, params, fixed = trainer.split(source.factory(), nnx.Param)
     batcher = lm_data.Batcher(
         data["train"], batch_size=8, accum=1, buckets=(64,), pack=False, seed=0
     )
     batch, _ = batcher.batch_at(0, 0)
-    return graphdef, jax.tree.structure(state), rest, nnx.to_pure_dict(state), batch
+    return cfg, data, graph, params, fixed, batch
+
+
+def _loss_and_grads(small_model, accum, *overrides, chunked=False):
+    cfg, data, graph, params, fixed, batch = small_model
+    cfg = load(TrainConfig, overrides=[f"run_dir={cfg.run_dir}", *overrides])
+    task = train.LMTask(cfg, data, chunked=chunked)
+    split = {k: jnp.asarray(v.reshape(accum, 8 // accum, -1)) for k, v in batch.items()}
+    fn = jax.jit(lambda p, b: trainer.accumulate(task, graph, p, fixed, b, jax.random.key(0)))
+    eval_fn = jax.jit(lambda p, b: task.eval_sums(graph.merge(p, fixed, train=False), b))
+    return fn(params, split), eval_fn(params, {k: jnp.asarray(v[0]) for k, v in batch.items()})
 
 
 @pytest.mark.parametrize("normalize", ["tokens", "weighted", "sequence"])
 def test_gradient_accumulation_equals_big_batch(small_model, normalize):
-    graphdef, treedef, rest, params, batch = small_model
-    aux_fn, _ = train.make_forward(
-        graphdef, treedef, rest, chunked=False, chunk_size=64, normalize=normalize, z_loss=1e-3
-    )
-    results = []
-    for accum in (1, 4):  # one batch of 8 rows vs 4 micro-batches of 2
-        split = {k: jnp.asarray(v.reshape(accum, 8 // accum, -1)) for k, v in batch.items()}
-        fn = jax.jit(lambda p, b: optim.accumulate_gradients(aux_fn, p, b, normalize=normalize))
-        results.append(fn(params, split))
-    (loss, _, grads), (acc_loss, _, acc_grads) = results
+    sets = (f"loss.normalize={normalize}", "loss.z_loss=1e-3")
+    (loss, _, grads), _ = _loss_and_grads(small_model, 1, *sets)  # one batch of 8 rows
+    (acc_loss, _, acc_grads), _ = _loss_and_grads(small_model, 4, *sets)  # 4 micro-batches of 2
     np.testing.assert_allclose(acc_loss, loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_loss_path_matches_full_logits(small_model):
-    graphdef, treedef, rest, params, batch = small_model
-    mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}
-    out = []
-    for chunked in (False, True):
-        aux_fn, eval_fn = train.make_forward(
-            graphdef, treedef, rest, chunked=chunked, chunk_size=48, normalize="tokens", z_loss=0.0
-        )
-        loss_fn = jax.jit(functools.partial(optim.accumulate_gradients, aux_fn, normalize="tokens"))
-        batched = jax.tree.map(lambda x: x[None], mb)  # one micro-batch
-        out.append((loss_fn(params, batched), jax.jit(eval_fn)(params, mb)))
-    (full, full_eval), (chunk, chunk_eval) = out
+    sets = ("loss.normalize=tokens", "loss.chunk_size=48")
+    (full, full_eval) = _loss_and_grads(small_model, 1, *sets, chunked=False)
+    (chunk, chunk_eval) = _loss_and_grads(small_model, 1, *sets, chunked=True)
     np.testing.assert_allclose(chunk[0], full[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(chunk[2]), jax.tree.leaves(full[2])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -241,23 +240,34 @@ def test_chunked_loss_path_matches_full_logits(small_model):
         np.testing.assert_allclose(chunk_eval[k], full_eval[k], rtol=1e-5, err_msg=k)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(fixture_data, tmp_path):
+@pytest.mark.parametrize("warmup", [0, 1000])
+def test_nonfinite_step_stops_and_never_saves_it(fixture_data, tmp_path, warmup):
+    """lr=1e30: without warmup the first update overflows (the loss of that step is still
+    finite); with a long warmup the parameters become huge but finite, and a later loss is not.
+    Either way the bad step is named, its update is not applied and every checkpoint is finite."""
+    import orbax.checkpoint as ocp
+
     cfg = _cfg(
         fixture_data,
         tmp_path,
         "optim.lr=1e30",
-        "optim.warmup_steps=0",
+        f"optim.warmup_steps={warmup}",
         "optim.grad_clip=0",
         "checkpoint.every=1",
         "steps=4",
     )
-    with pytest.raises(
-        train.NonFiniteLoss, match=r"at step (\d).*last good checkpoint is step"
-    ) as e:
-        train.run(cfg)
-    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    with pytest.raises(loop.NonFiniteStep, match=r"non-finite \w+ at step (\d)") as e:
+        pipeline.train(cfg)
+    bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) == bad_step - 1
+    assert saved == list(range(1, bad_step))
+    if not saved:
+        assert "No checkpoint had been saved" in str(e.value)
+    else:
+        assert f"last good checkpoint is step {bad_step - 1}" in str(e.value)
+    for step in saved:
+        state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
 def test_missing_probabilities_say_to_annotate(fixture_data, tmp_path):
@@ -267,7 +277,7 @@ def test_missing_probabilities_say_to_annotate(fixture_data, tmp_path):
     path.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
     cfg = _cfg(fixture_data, tmp_path, f"data.path={path}")
     with pytest.raises(ValueError, match="classify.py annotate"):
-        train.run(cfg)
+        pipeline.train(cfg)
 
 
 def test_tiny_default_validation_loss_goes_down(fixture_data, tmp_path):
@@ -288,12 +298,12 @@ def test_tiny_default_validation_loss_goes_down(fixture_data, tmp_path):
             "data.batch_size=8",
         ],
     )
-    summary = train.run(cfg)
+    summary = pipeline.train(cfg)
     assert summary["val_loss_end"] < 0.97 * summary["val_loss_start"]
 
 
 def test_weight_decay_mask_and_schedule(small_model):
-    _, _, _, params, _ = small_model
+    params = small_model[3]
     mask = jax.tree_util.tree_leaves_with_path(optim.decay_mask(params))
     decayed = {jax.tree_util.keystr(p) for p, m in mask if m}
     assert decayed and all(p.endswith("['kernel']") for p in decayed)

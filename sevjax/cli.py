@@ -1,0 +1,144 @@
+"""The command lines of ``train.py`` and ``classify.py``: parsing, help, and one error path.
+
+A user error (bad config, bad data, a busy or foreign run_dir, a non-finite loss ...) prints one
+line ``error: ...`` on stderr and exits with status 1 (2 for a config or usage error), without a
+traceback; ``--debug`` (or ``SEVJAX_DEBUG=1``) shows the traceback instead. Multi-process
+environments are initialized here, before anything touches JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found"
+
+TRAIN_USAGE = """\
+python train.py [--config YAML] [--set KEY=VALUE ...]   fine-tune (annotate -> tokenize -> train -> export)
+python train.py evaluate --run DIR [--set KEY=VALUE ...]  generate for a split and score it
+python train.py compare --config YAML [--set ...]         the paper's table: none / CE / severity rows
+python train.py COMMAND --print-config                    every config key, its default and meaning
+Rerunning a command resumes from the newest checkpoint in its run_dir."""
+
+CLASSIFY_USAGE = """\
+python classify.py train [--config YAML] [--set KEY=VALUE ...]   train the severity classifier
+python classify.py evaluate [...]                                metrics and a reliability diagram
+python classify.py annotate [--overwrite] [...]                  write p_mild, p_moderate, p_critical
+python classify.py COMMAND --print-config                        every config key with its default"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from sevjax.checkpoint import CheckpointError
+    from sevjax.loop import NonFiniteStep
+    from sevjax.rundir import RunDirBusy
+
+    return (ValueError, OSError, NonFiniteStep, CheckpointError, RunDirBusy)
+
+
+def _parser(prog: str, usage: str, commands: Sequence[str], default: str | None):
+    parser = argparse.ArgumentParser(
+        prog=prog, usage=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", nargs="?", default=default, choices=list(commands))
+    parser.add_argument("--config", default=None, help="YAML overlay on the defaults")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one key, e.g. --set optim.lr=3e-4 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="list every key and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def print_config(schema: type) -> None:
+    """Every key of ``schema`` with its default (JSON) and help text."""
+    from sevjax.config import describe
+
+    rows = describe(schema)
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, help_text in rows:
+        print(f"{key:<{width}}  {value:<24}  {help_text}".rstrip())
+
+
+def _run(action: Callable[[], Any], debug: bool) -> int:
+    """Runs ``action``; a user error becomes one ``error:`` line and status 1."""
+    try:
+        action()
+    except _user_errors() as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config(schema: type, args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
+    from sevjax.config import load
+
+    return load(schema, args.config, [*args.overrides, *extra])
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``train.py [evaluate|compare] [--config YAML] [--set KEY=VALUE ...]``; the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser("train.py", TRAIN_USAGE, ("train", "evaluate", "compare"), "train")
+    parser.add_argument("--run", default=None, help="evaluate: a train run dir, HF dir or Hub id")
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("SEVJAX_DEBUG"))
+    from sevjax.distributed import initialize
+
+    initialize()
+    from sevjax import schema
+
+    kind = {"train": schema.TrainConfig, "evaluate": schema.EvalConfig}
+    kind["compare"] = schema.CompareConfig
+    if args.print_config:
+        print_config(kind[args.command])
+        return 0
+    if args.run is not None and args.command != "evaluate":
+        parser.error("--run is for the evaluate command")
+    try:
+        cfg = _config(kind[args.command], args, [f"run={args.run}"] if args.run else [])
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from sevjax import compare, pipeline
+
+    action = {"train": pipeline.train, "evaluate": pipeline.evaluate, "compare": compare.run}
+    return _run(lambda: action[args.command](cfg), debug)
+
+
+def classify_main(argv: Sequence[str] | None = None) -> int:
+    """``classify.py {train,evaluate,annotate} [--config YAML] [--set ...]``; the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser("classify.py", CLASSIFY_USAGE, ("train", "evaluate", "annotate"), None)
+    parser.add_argument("--overwrite", action="store_true", help="annotate: replace the output")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    debug = args.debug or bool(os.environ.get("SEVJAX_DEBUG"))
+    from sevjax.distributed import initialize
+
+    initialize()
+    from sevjax.schema import ClassifyConfig
+
+    if args.print_config:
+        print_config(ClassifyConfig)
+        return 0
+    try:
+        cfg = _config(ClassifyConfig, args, ["overwrite=true"] if args.overwrite else [])
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from sevjax import classify
+
+    action = {"train": classify.run, "evaluate": classify.evaluate, "annotate": classify.annotate}
+    return _run(lambda: action[args.command](cfg), debug)
