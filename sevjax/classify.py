@@ -41,10 +41,6 @@ from sevjax.calibration import (
     confusion_metrics,
     fit_temperature,
     label_metrics,
-    majority_baseline,
-    prob_metrics,
-    reliability_diagram,
-    softmax,
 )
 from sevjax.config import to_dict
 from sevjax.logs import read as read_log
@@ -223,19 +219,21 @@ def predict_logits(model: nnx.Module, enc: dict[str, np.ndarray], batch: int) ->
     return np.concatenate(out)
 
 
-def _examples(cfg: ClassifyConfig) -> list[dict[str, Any]]:
+def examples_of(cfg: ClassifyConfig) -> list[dict[str, Any]]:
+    """The classifier's examples (``cfg.data``), validated."""
     d = cfg.data
     return data_lib.load_examples(d.path, columns=d.columns, drop_bad=d.drop_bad)
 
 
-def _batch_size(cfg: ClassifyConfig, mesh: Any) -> int:
+def batch_size_of(cfg: ClassifyConfig, mesh: Any) -> int:
+    """``cfg.batch_size``, checked to divide over the mesh's data devices."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % n:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {n} data devices")
     return cfg.batch_size
 
 
-def _labels(cfg: ClassifyConfig, parts: dict[str, list]) -> tuple[np.ndarray, np.ndarray, str]:
+def labels_of(cfg: ClassifyConfig, parts: dict[str, list]) -> tuple[np.ndarray, np.ndarray, str]:
     """``(y_train, y_val, val_source)``: training labels per ``data.labels``, gold val if any."""
     train, val = parts["train"], parts["validation"]
     if not train or not val:
@@ -266,8 +264,12 @@ def _tokenizer(cfg: ClassifyConfig, run_dir: Path, train: list[dict]) -> Any:
     return tokenizer
 
 
-def run(cfg: ClassifyConfig) -> dict[str, Any]:
+def run(cfg: ClassifyConfig, *, holdout: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Trains the classifier; writes ``<run_dir>/{tokenizer,checkpoints,best,hf}``, calibration.
+
+    Args:
+        cfg: the classifier config.
+        holdout: ids of training examples left out (the held-out fold of a fold model).
 
     Returns:
         A summary: best epoch, validation macro-F1 (against gold when present), temperature,
@@ -275,10 +277,11 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
     """
     t0 = time.time()
     with RunDir(cfg.run_dir, lock=jax.process_index() == 0) as run_dir:
-        parts = data_lib.split_examples(_examples(cfg))
-        y_train, y_val, val_source = _labels(cfg, parts)
+        parts = data_lib.split_examples(examples_of(cfg))
+        parts["train"] = [ex for ex in parts["train"] if ex["id"] not in holdout]
+        y_train, y_val, val_source = labels_of(cfg, parts)
         mesh = make_mesh(cfg.mesh)
-        batch = _batch_size(cfg, mesh)
+        batch = batch_size_of(cfg, mesh)
         tokenizer = _tokenizer(cfg, run_dir.path, parts["train"])
         enc_train = encode(tokenizer, parts["train"], cfg.data.text, cfg.model.max_length)
         enc_val = encode(tokenizer, parts["validation"], cfg.data.text, cfg.model.max_length)
@@ -294,8 +297,7 @@ def run(cfg: ClassifyConfig) -> dict[str, Any]:
             keep_best=True, checkpoint=dataclasses.replace(cfg.checkpoint, every=per_epoch),
             log=LogSection(every=per_epoch, tensorboard=False, plot=False, progress=cfg.progress),
         )  # fmt: skip
-        if jax.process_index() == 0:
-            run_dir.write_config(to_dict(cfg))
+        # fit writes config.json once the checkpoints in run_dir are known to fit
         result = fit(task, source, run_dir=run_dir.path, mesh=mesh, optim_cfg=cfg.optim,
                      loop=loop, seed=cfg.seed, config=to_dict(cfg))  # fmt: skip
         val_logits = predict_logits(result.model, enc_val, batch)
@@ -330,113 +332,43 @@ def _history(metrics_path: Path, per_epoch: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _load_trained(cfg: ClassifyConfig) -> tuple[Any, Any, float, int]:
-    """The exported classifier, its tokenizer, the fitted temperature and the batch size."""
-    from transformers import AutoTokenizer
-
-    run_dir = Path(cfg.run_dir)
-    hf_dir, calib = run_dir / "hf", run_dir / "calibration.json"
-    if not (hf_dir / "config.json").is_file() or not calib.is_file():
-        raise FileNotFoundError(f"no trained classifier in {run_dir}: python classify.py train")
-    mesh = make_mesh(cfg.mesh)
-    model, _ = hf.load_pretrained(str(hf_dir), mesh=mesh)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    temperature = json.loads(calib.read_text())["temperature"]
-    return tokenizer, model, temperature, _batch_size(cfg, mesh)
+# ------------------------------------------------------------------------------ fold models
 
 
-def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
-    """Metrics on validation and test before / after temperature scaling (fitted on validation).
+def fold_assignment(cfg: ClassifyConfig, k: int) -> dict[str, int]:
+    """Training example id -> fold (0..k-1), stratified by training label, seeded by cfg.seed."""
+    parts = data_lib.split_examples(examples_of(cfg))
+    y_train = labels_of(cfg, parts)[0]
+    rng = np.random.default_rng([cfg.seed, 7919])
+    fold = {}
+    for c in range(len(L.SEVERITIES)):
+        members = np.flatnonzero(y_train == c)
+        for j, i in enumerate(members[rng.permutation(len(members))]):
+            fold[parts["train"][int(i)]["id"]] = j % k
+    return fold
 
-    Writes ``<run_dir>/eval.json``, ``eval.md`` (a table) and ``reliability.png``.
 
-    Returns:
-        ``{"temperature", "labels", "baseline_macro_f1", "rule_labeler", "validation": {"raw",
-        "calibrated"}, "test": {...}}``; each metrics dict has accuracy, macro_f1, per_class,
-        confusion, nll, brier, ece.
+def fold_dir(run_dir: str | Path, k: int, fold: int) -> Path:
+    """Where fold model ``fold`` of ``k`` lives: ``<run_dir>/folds/<k>-<fold>``."""
+    return Path(run_dir) / "folds" / f"{k}-{fold}"
+
+
+def train_folds(cfg: ClassifyConfig, k: int) -> list[Path]:
+    """Trains the ``k`` fold models (each on the training data minus one fold) when missing.
+
+    Each fold model is a full :func:`run` (same config and seed; its own tokenizer, early
+    stopping and temperature on the validation split) under :func:`fold_dir`; a killed run
+    resumes. Returns their directories.
     """
-    run_dir = Path(cfg.run_dir)
-    tokenizer, model, _, batch = _load_trained(cfg)
-    parts = data_lib.split_examples(_examples(cfg))
-    logits, labels = {}, {}
-    for split in ("validation", "test"):
-        if parts[split]:
-            enc = encode(tokenizer, parts[split], cfg.data.text, cfg.model.max_length)
-            logits[split] = predict_logits(model, enc, batch)
-            gold = gold_labels(parts[split])
-            labels[split] = gold if gold is not None else rule_labels(parts[split])
-    if "validation" not in logits:
-        raise ValueError("evaluate needs a validation split to fit the temperature")
-    temperature = fit_temperature(logits["validation"], labels["validation"])
-    train_labels = gold_labels(parts["train"])
-    train_labels = train_labels if train_labels is not None else rule_labels(parts["train"])
-    has_gold = gold_labels(parts["validation"]) is not None
-    result: dict[str, Any] = {"temperature": temperature, "labels": "gold" if has_gold else "rule"}
-    result["baseline_macro_f1"] = {}
-    result["rule_labeler"] = {}
-    curves = {}
-    for split, z in logits.items():
-        raw = prob_metrics(softmax(z), labels[split], bins=cfg.ece_bins)
-        cal = prob_metrics(softmax(z / temperature), labels[split], bins=cfg.ece_bins)
-        result[split] = {"raw": raw, "calibrated": cal}
-        result["baseline_macro_f1"][split] = majority_baseline(train_labels, labels[split])
-        if has_gold:
-            result["rule_labeler"][split] = label_metrics(labels[split], rule_labels(parts[split]))
-        curves[split] = (softmax(z), softmax(z / temperature), labels[split])
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = _table(result)
-    (run_dir / "eval.md").write_text(table + "\n", encoding="utf-8")
-    reliability_diagram(curves, run_dir / "reliability.png", bins=cfg.ece_bins)
-    print(table)
-    return result
-
-
-def _table(result: dict[str, Any]) -> str:
-    lines = [
-        f"temperature {result['temperature']:.3f} (fitted on validation); labels: {result['labels']}",
-        "",
-        "| split | scaling | accuracy | macro-F1 | NLL | Brier | ECE | majority macro-F1 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for split in ("validation", "test"):
-        for kind in ("raw", "calibrated"):
-            if split in result:
-                m = result[split][kind]
-                lines.append(
-                    f"| {split} | {kind} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | "
-                    f"{m['nll']:.3f} | {m['brier']:.3f} | {m['ece']:.3f} | "
-                    f"{result['baseline_macro_f1'][split]:.3f} |"
-                )
-    return "\n".join(lines)
-
-
-def annotate(cfg: ClassifyConfig) -> Path:
-    """Writes the data with calibrated ``p_mild, p_moderate, p_critical`` and ``severity_pred``.
-
-    The output (``cfg.output``, default ``<run_dir>/annotated.jsonl``; ``.parquet`` by extension)
-    holds our field names; the input file is never modified.
-
-    Raises:
-        FileExistsError: if the output exists and ``overwrite`` is false.
-        ValueError: if the output is the input file.
-    """
-    out = Path(cfg.output) if cfg.output is not None else Path(cfg.run_dir) / "annotated.jsonl"
-    source = Path(cfg.data.path) if cfg.data.path is not None else data_lib.EMBEDDED_PATH
-    if source.exists() and out.exists() and out.resolve() == source.resolve():
-        raise ValueError(f"annotate output {out} is the input file; choose another output")
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    examples = _examples(cfg)
-    tokenizer, model, temperature, batch = _load_trained(cfg)
-    enc = encode(tokenizer, examples, cfg.data.text, cfg.model.max_length)
-    probs = softmax(predict_logits(model, enc, batch) / temperature)
-    probs = L.validate_severity_probs(probs.astype(np.float64) / probs.sum(-1, keepdims=True))
-    rows = []
-    for ex, p in zip(examples, probs.astype(np.float64)):
-        row = {k: v for k, v in ex.items() if k not in data_lib.PROB_FIELDS}
-        row.update(zip(data_lib.PROB_FIELDS, map(float, p)))
-        row["severity_pred"] = L.SEVERITIES[int(np.argmax(p))]
-        rows.append(row)
-    data_lib.save_examples(rows, out, overwrite=cfg.overwrite)
-    print(f"[classify] annotated {len(rows)} examples -> {out} (T={temperature:.3f})")
-    return out
+    if k < 2:
+        raise ValueError(f"folds must be >= 2 for out-of-fold annotation, got {k}")
+    assignment = fold_assignment(cfg, k)
+    dirs = []
+    for f in range(k):
+        out = fold_dir(cfg.run_dir, k, f)
+        if not (out / "calibration.json").is_file():
+            print(f"[classify] fold model {f + 1}/{k}: training without fold {f}")
+            held = frozenset(i for i, g in assignment.items() if g == f)
+            run(dataclasses.replace(cfg, run_dir=str(out)), holdout=held)
+        dirs.append(out)
+    return dirs

@@ -1,11 +1,15 @@
-"""The paper's comparison table: no fine-tuning vs CE vs severity-weighted fine-tuning, per model.
+"""The paper's comparison table: no fine-tuning vs CE vs severity-weighted, over several seeds.
 
-For each model of a :class:`sevjax.schema.CompareConfig`, three rows with the same seed and step
-budget: no fine-tuning (the starting checkpoint, or the random init for a model trained from
-scratch), plain cross-entropy (``loss.mode=ce``) and severity-weighted fine-tuning
-(``loss.mode=severity``). Each fine-tuning row runs :func:`sevjax.pipeline.train`, each row is
-scored by :func:`sevjax.evaluate.evaluate_model`; writes ``compare.md``, ``compare.json`` and
-``compare.png`` with paired-bootstrap 95% CIs of the severity - CE difference.
+For each model of a :class:`sevjax.schema.CompareConfig` and each seed, every fine-tuned row
+(by default ``ce`` and ``severity``; weighting presets and normalizations can be added as rows)
+is trained by :func:`sevjax.pipeline.train` with the same data and step budget, and every row plus
+"none" (the starting checkpoint, or the seeded random init) is scored on the test split by
+:func:`sevjax.evaluate.evaluate_model`. Per row the report gives, as the mean and a 95% t-interval
+over seeds: BERTScore P/R/F1, chrF, the emergency-referral proxy on critical cases, and the
+per-severity validation NLL of the model (the mechanism the method relies on: a heavier loss on
+critical cases should lower their NLL relative to CE at the same budget). Each row minus the
+baseline (CE) is given per severity class with its interval over seeds, and within each seed as a
+paired bootstrap over test examples. Writes ``compare.md``, ``compare.json``, ``compare.png``.
 
 Usage::
 
@@ -21,46 +25,72 @@ from typing import Any
 
 import numpy as np
 
-from sevjax import metrics, pipeline, train
+from sevjax import metrics, pipeline
+from sevjax import train as lm
 from sevjax.config import load
 from sevjax.evaluate import dtype_of, eos_ids, eval_examples, evaluate_model
+from sevjax.logs import read as read_log
 from sevjax.loss import SEVERITIES
-from sevjax.schema import BootstrapSection, CompareConfig, CompareModel, TrainConfig
+from sevjax.schema import CompareConfig, CompareModel, TrainConfig
 
-ROWS = {"none": "none", "ce": "CE", "severity": "severity-weighted"}
-DIFF_METRICS = {"bertscore_f1": "BERTScore F1", "chrf": "chrF (sentence)"}
+SUBSETS = ("overall", *SEVERITIES)
+# metric key -> table label; "/<severity>" keys read that severity's subset
+TABLE = {
+    "bertscore_p": "BERTScore P",
+    "bertscore_r": "R",
+    "bertscore_f1": "F1",
+    "chrf": "chrF",
+    "emergency_referral/critical": "emergency referral, critical",
+    **{f"nll/{s}": f"val NLL {s}" for s in SEVERITIES},
+}
+DIFFS = {
+    "bertscore_f1": "BERTScore F1",
+    "chrf_sentence": "chrF (sentence)",
+    "nll": "validation NLL",
+}
 
 
-def _train_configs(cfg: CompareConfig, m: CompareModel, out: Path) -> dict[str, TrainConfig]:
-    """The CE and severity train configs of one model (same seed, steps and data)."""
+def _train_configs(cfg: CompareConfig, m: CompareModel, out: Path, seed: int):
+    """The fine-tuned rows' train configs of one model and seed (same data, steps, seed)."""
     yaml, sets = m.train_config or cfg.train_config, [*cfg.train_overrides, *m.overrides]
     sets += [f"model.name_or_path={m.name_or_path}"] if m.name_or_path else []
     if load(TrainConfig, yaml, sets).data.path is None:  # annotate the embedded set once
         sets.append(f"data.path={pipeline.annotate_embedded(out)}")
-    own = [f"seed={cfg.seed}", f"steps={cfg.steps}"]
+    own = [f"seed={seed}", f"steps={cfg.steps}"]
     return {
-        mode: load(TrainConfig, yaml, [*sets, *own, f"run_dir={out / m.name / mode}",
-                                       f"loss.mode={mode}"])
-        for mode in ("ce", "severity")
+        r.name: load(TrainConfig, yaml, [*sets, *own, *r.overrides,
+                                         f"run_dir={out / m.name / f'seed-{seed}' / r.name}"])
+        for r in cfg.rows
     }  # fmt: skip
 
 
 def _starting_model(train_cfg: TrainConfig, tokenizer: Any) -> Any:
-    """The "none" row: the model both fine-tuning runs start from (checkpoint or seeded init)."""
-    config = train.model_config(train_cfg, tokenizer)
-    source = train.model_source(train_cfg, config, None)
+    """The "none" row: the model every fine-tuning run starts from (checkpoint or seeded init)."""
+    config = lm.model_config(train_cfg, tokenizer)
+    source = lm.model_source(train_cfg, config, None)
     model = source.load() if source.load is not None else source.factory()
     model.eval()
     return model
 
 
-def run(cfg: CompareConfig) -> dict[str, Any]:
-    """Trains and evaluates no-FT / CE / severity rows per model; writes the report files.
+def _seed_free(train_cfg: TrainConfig, cfg: CompareConfig) -> bool:
+    """Whether the "none" row is the same for every seed (a checkpoint, decoded greedily)."""
+    return train_cfg.model.name_or_path is not None and cfg.generation.temperature == 0
 
-    Each model's runs live in ``<out_dir>/<name>/{ce,severity}`` (rerunning resumes them) and
-    every row's evaluation in ``<out_dir>/<name>/<row>/eval``. On the embedded data the set is
-    annotated once by the tiny classifier under ``out_dir`` and every run trains on that file,
-    so the classifier is trained once and also serves as the default (pipeline-check) scorer.
+
+def _validation_nll(run_dir: Path, *, start: bool) -> dict[str, float | None]:
+    """Validation NLL overall and per severity, at step 0 or at the end, from metrics.jsonl."""
+    val = [r for r in read_log(run_dir / "metrics.jsonl") if r["split"] == "validation"]
+    r = min(val, key=lambda r: r["step"]) if start else max(val, key=lambda r: r["step"])
+    return {"overall": r["loss"], **{s: r.get(f"loss/{s}") for s in SEVERITIES}}
+
+
+def run(cfg: CompareConfig) -> dict[str, Any]:
+    """Trains and evaluates every row, per model and seed; writes the report files.
+
+    Runs live in ``<out_dir>/<model>/seed-<s>/<row>`` (rerunning resumes them), evaluations in
+    ``.../<row>/eval``. On the embedded data the set is annotated once under ``out_dir`` (the
+    tiny classifier, which is also the default pipeline-check scorer).
 
     Returns:
         The report dict written to ``compare.json``.
@@ -72,33 +102,43 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scorer_path, layer, note = pipeline.default_scorer(out, cfg.scorer)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, dict[int, Any]]] = {}
     for m in cfg.models:
-        train_cfgs = _train_configs(cfg, m, out)
-        for mode, train_cfg in train_cfgs.items():
-            print(f"\n[compare] {m.name} / {mode}: training {cfg.steps} steps")
-            pipeline.train(train_cfg)
-        data = train_cfgs["ce"].data
-        examples = eval_examples(data, cfg.split, cfg.max_examples)
-        ce_dir = out / m.name / "ce" / "hf"
-        tokenizer = AutoTokenizer.from_pretrained(str(ce_dir))
-        kw = dict(data=data, generation=cfg.generation, scorer=cfg.scorer, note=note)
-        kw.update(scorer_path=scorer_path, layer=layer, eos_ids=eos_ids(tokenizer, ce_dir))
-        rows: dict[str, Any] = {}
-        for row in ROWS:
-            if row == "none":
-                model = _starting_model(train_cfgs["ce"], tokenizer)
-            else:
-                model, _ = load_pretrained(str(out / m.name / row / "hf"), dtype=dtype_of(cfg))
-            summary, records = evaluate_model(
-                model, tokenizer, examples, out_dir=out / m.name / row / "eval",
-                name=f"{m.name}/{row}", **kw,
-            )  # fmt: skip
-            rows[row] = {"summary": summary, "records": records}
-            del model
+        rows: dict[str, dict[int, Any]] = {"none": {}, **{r.name: {} for r in cfg.rows}}
+        for seed in cfg.seeds:
+            train_cfgs = _train_configs(cfg, m, out, seed)
+            for name, train_cfg in train_cfgs.items():
+                print(f"\n[compare] {m.name} / seed {seed} / {name}: training {cfg.steps} steps")
+                pipeline.train(train_cfg)
+            first = train_cfgs[cfg.baseline]
+            data, base_dir = first.data, Path(first.run_dir)
+            examples = eval_examples(data, cfg.split, cfg.max_examples)
+            tokenizer = AutoTokenizer.from_pretrained(str(base_dir / "hf"))
+            kw = dict(data=data, generation=cfg.generation, scorer=cfg.scorer, note=note)
+            kw.update(
+                scorer_path=scorer_path, layer=layer, eos_ids=eos_ids(tokenizer, base_dir / "hf")
+            )
+            for row in rows:
+                run_dir = base_dir.parent / row
+                if row == "none" and seed != cfg.seeds[0] and _seed_free(first, cfg):
+                    rows[row][seed] = rows[row][cfg.seeds[0]]  # same checkpoint, greedy decoding
+                    continue
+                if row == "none":
+                    model = _starting_model(first, tokenizer)
+                    nll = _validation_nll(base_dir, start=True)
+                else:
+                    model, _ = load_pretrained(str(run_dir / "hf"), dtype=dtype_of(cfg))
+                    nll = _validation_nll(run_dir, start=False)
+                summary, records = evaluate_model(
+                    model, tokenizer, examples, out_dir=run_dir / "eval",
+                    name=f"{m.name}/seed-{seed}/{row}", **kw,
+                )  # fmt: skip
+                rows[row][seed] = {"summary": summary, "records": records, "nll": nll}
+                del model
         results[m.name] = rows
-    info = dict(steps=cfg.steps, seed=cfg.seed, scorer=f"{scorer_path} layer {layer}", note=note)
-    report = build_report(results, cfg.bootstrap, **info)
+    labels = {"none": "none", **{r.name: r.label or r.name for r in cfg.rows}}
+    info = dict(steps=cfg.steps, seeds=list(cfg.seeds), scorer=f"{scorer_path} layer {layer}")
+    report = build_report(results, cfg, labels, note=note, **info)
     (out / "compare.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     (out / "compare.md").write_text(report_markdown(report), encoding="utf-8")
     report_plot(report, out / "compare.png")
@@ -109,99 +149,180 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- report
 
 
-def build_report(
-    results: dict[str, dict[str, Any]], boot: BootstrapSection, **info: Any
-) -> dict[str, Any]:
-    """Per model: each row's summary and the paired-bootstrap CIs of severity - CE.
+def _values(seed_result: dict[str, Any]) -> dict[str, float | None]:
+    """The scalar metrics of one row and seed, flat: ``key`` or ``key/<subset>``."""
+    summary, nll = seed_result["summary"], seed_result["nll"]
+    groups = {"overall": summary["overall"], **summary["by_severity"]}
+    out: dict[str, float | None] = {}
+    for key in ("bertscore_p", "bertscore_r", "bertscore_f1", "chrf", "chrf_sentence"):
+        out[key] = groups["overall"].get(key)
+        out.update({f"{key}/{s}": groups[s].get(key) for s in SEVERITIES})
+    out["emergency_referral/critical"] = groups["critical"].get("emergency_referral")
+    out["nll"] = nll["overall"]
+    out.update({f"nll/{s}": nll[s] for s in SEVERITIES})
+    return out
 
-    ``results`` is ``{model: {row: {"summary", "records"}}}`` for the :data:`ROWS`; ``info``
-    (steps, seed, note, scorer) is copied into the report.
+
+def _diff_key(metric: str, subset: str) -> str:
+    return metric if subset == "overall" else f"{metric}/{subset}"
+
+
+def build_report(
+    results: dict[str, dict[str, dict[int, Any]]],
+    cfg: CompareConfig,
+    labels: dict[str, str],
+    **info: Any,
+) -> dict[str, Any]:
+    """Per model: each row's per-seed values and means with CIs, and row - baseline differences.
+
+    ``results`` is ``{model: {row: {seed: {"summary", "records", "nll"}}}}``. Differences: for
+    every fine-tuned row other than the baseline and every :data:`DIFFS` metric and subset, the
+    mean over seeds of (row - baseline) with a 95% t-interval, and per seed a paired bootstrap
+    over test examples (sentence-level metrics only).
     """
+    boot = dataclasses.asdict(cfg.bootstrap)
     models = {}
     for name, rows in results.items():
-        ce, sev = rows["ce"]["records"], rows["severity"]["records"]
-        diffs = metrics.paired_differences(ce, sev, list(DIFF_METRICS), **dataclasses.asdict(boot))
-        keep = ("overall", "by_severity")
-        table = {row: {k: rows[row]["summary"][k] for k in keep} for row in ROWS}
-        models[name] = {"rows": table, "severity_minus_ce": diffs}
-    return {**info, "bootstrap": dataclasses.asdict(boot), "models": models}
+        table = {}
+        for row, per_seed in rows.items():
+            values = {seed: _values(r) for seed, r in per_seed.items()}
+            keys = values[next(iter(values))].keys()
+            mean = {k: metrics.mean_ci([v[k] for v in values.values()], alpha=cfg.bootstrap.alpha)
+                    for k in keys}  # fmt: skip
+            table[row] = {"label": labels[row], "seeds": values, "mean": mean}
+        diffs = {}
+        for row in rows:
+            if row in ("none", cfg.baseline):
+                continue
+            diffs[row] = _differences(rows[cfg.baseline], rows[row], table, row, cfg, boot)
+        models[name] = {"rows": table, "minus_baseline": diffs}
+    return {**info, "baseline": cfg.baseline, "bootstrap": boot, "models": models}
+
+
+def _differences(base: dict, other: dict, table: dict, row: str, cfg: CompareConfig, boot: dict):
+    """``{metric: {subset: {mean, lo, hi, n, per_seed: {seed: {diff, lo, hi, n}}}}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for metric in DIFFS:
+        out[metric] = {}
+        for subset in SUBSETS:
+            key = _diff_key(metric, subset)
+            deltas = [
+                None
+                if table[row]["seeds"][s][key] is None
+                or table[cfg.baseline]["seeds"][s][key] is None
+                else table[row]["seeds"][s][key] - table[cfg.baseline]["seeds"][s][key]
+                for s in cfg.seeds
+            ]
+            cell = metrics.mean_ci(deltas, alpha=cfg.bootstrap.alpha)
+            if metric != "nll":  # sentence-level: a paired bootstrap over examples per seed
+                score = "chrf" if metric == "chrf_sentence" else metric
+                cell["per_seed"] = {
+                    s: metrics.paired_differences(
+                        base[s]["records"], other[s]["records"], [score], **boot
+                    )[score].get(subset)
+                    for s in cfg.seeds
+                }
+            out[metric][subset] = cell
+    return out
+
+
+def _cell(c: dict[str, Any] | None, digits: int = 4) -> str:
+    if not c or c.get("mean") is None:
+        return "-"
+    if c.get("lo") is None:
+        return f"{c['mean']:.{digits}f}"
+    return f"{c['mean']:.{digits}f} ± {(c['hi'] - c['lo']) / 2:.{digits}f}"
+
+
+def _signed(c: dict[str, Any] | None) -> str:
+    if not c or c.get("mean", c.get("diff")) is None:
+        return "-"
+    m = c.get("mean", c.get("diff"))
+    if c.get("lo") is None:
+        return f"{m:+.4f}"
+    return f"{m:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The comparison as Markdown: a score table and a severity - CE table with CIs."""
+    """The comparison as Markdown: the score table, row - baseline with CIs, and per seed."""
     level = round(100 * (1 - report["bootstrap"]["alpha"]))
+    seeds = report["seeds"]
     lines = ["# No fine-tuning vs CE vs severity-weighted fine-tuning", ""]
     if report.get("note"):
         lines += [f"> {report['note']}", ""]
     lines += [
-        f"{report['steps']} steps per fine-tuning run, seed {report['seed']}, same data and "
-        f"budget per row; scorer {report['scorer']}. BERTScore F1 mean over the test split.",
+        f"{len(seeds)} seed(s) {seeds}, {report['steps']} steps per fine-tuning run, same data and "
+        f"budget per row; scorer {report['scorer']}. Test-split generation scores and validation "
+        f"NLL; each cell is the mean over seeds ± the half-width of its {level}% t-interval.",
         "",
-        "| model | fine-tuning | BERTScore F1 | mild | moderate | critical | chrF | BLEU "
-        "| emergency referral, critical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | fine-tuning | " + " | ".join(TABLE.values()) + " |",
+        "|---|---|" + "---|" * len(TABLE),
     ]
     for name, m in report["models"].items():
-        for row, label in ROWS.items():
-            o, by = m["rows"][row]["overall"], m["rows"][row]["by_severity"]
-            sev = [f"{by[s]['bertscore_f1']:.4f}" if by[s].get("n") else "-" for s in SEVERITIES]
-            crit = by["critical"]
-            emerg = f"{crit['emergency_referral']:.2f}" if crit.get("n") else "-"
-            lines.append(
-                f"| {name} | {label} | {o['bertscore_f1']:.4f} | {' | '.join(sev)} | "
-                f"{o['chrf']:.2f} | {o['bleu']:.2f} | {emerg} |"
-            )
-    lines += [
-        "",
-        f"## Severity-weighted minus CE (paired bootstrap, {level}% CI, "
-        f"{report['bootstrap']['n_resamples']} resamples)",
-        "",
-        "| model | metric | overall | mild | moderate | critical |",
-        "|---|---|---|---|---|---|",
-    ]
+        for r in m["rows"].values():
+            cells = [_cell(r["mean"].get(k), 3 if k.startswith("nll") else 4) for k in TABLE]
+            lines.append(f"| {name} | {r['label']} | " + " | ".join(cells) + " |")
+    base = report["baseline"]
     for name, m in report["models"].items():
-        for metric, label in DIFF_METRICS.items():
-            cells = []
-            for subset in ("overall", *SEVERITIES):
-                c = m["severity_minus_ce"][metric].get(subset)
-                cells.append(f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" if c else "-")
-            lines.append(f"| {name} | {label} | {' | '.join(cells)} |")
+        for row, diffs in m["minus_baseline"].items():
+            label = m["rows"][row]["label"]
+            lines += ["", f"## {name}: {label} minus {m['rows'][base]['label']} "
+                      f"(mean over seeds, {level}% t-interval)", "",
+                      "| metric | overall | mild | moderate | critical |", "|---|---|---|---|---|"]  # fmt: skip
+            for metric, label_m in DIFFS.items():
+                cells = [_signed(diffs[metric][s]) for s in SUBSETS]
+                lines.append(f"| {label_m} | " + " | ".join(cells) + " |")
+            lines += ["", f"Per seed, paired bootstrap over test examples ({level}% CI, "
+                      f"{report['bootstrap']['n_resamples']} resamples):", "",
+                      "| seed | metric | overall | mild | moderate | critical |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for seed in seeds:
+                for metric in ("bertscore_f1", "chrf_sentence"):
+                    per = [diffs[metric][s].get("per_seed", {}).get(seed) for s in SUBSETS]
+                    per = [_signed(c) for c in per]
+                    lines.append(f"| {seed} | {DIFFS[metric]} | " + " | ".join(per) + " |")
     return "\n".join(lines) + "\n"
 
 
 def report_plot(report: dict[str, Any], path: Path) -> None:
-    """Bars of BERTScore F1 per row and model, and severity - CE F1 with CI error bars."""
+    """BERTScore F1 per row (mean, CI over seeds) and row - baseline per severity with CIs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
-    subsets = ("overall", *SEVERITIES)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    x, width = np.arange(len(names)), 0.8 / len(ROWS)
-    for k, (row, label) in enumerate(ROWS.items()):
-        vals = [report["models"][n]["rows"][row]["overall"]["bertscore_f1"] for n in names]
-        ax1.bar(x + (k - 1) * width, vals, width, label=label)
-    ax1.set_xticks(x, names)
-    ax1.set_ylabel("BERTScore F1")
-    ax1.set_title("BERTScore F1 (test split)")
-    ax1.margins(y=0.3)  # headroom for the legend
-    ax1.legend(loc="upper left")
-    x, width = np.arange(len(subsets)), 0.8 / max(len(names), 1)
-    for k, n in enumerate(names):
-        cells = [report["models"][n]["severity_minus_ce"]["bertscore_f1"].get(s) for s in subsets]
-        d = np.array([c["diff"] if c else np.nan for c in cells])
-        err = np.array([[c["diff"] - c["lo"], c["hi"] - c["diff"]] if c else [0, 0] for c in cells])
-        ax2.bar(x + (k - (len(names) - 1) / 2) * width, d, width, yerr=err.T, capsize=3, label=n)
-    ax2.axhline(0, color="black", linewidth=0.8)
-    ax2.set_xticks(x, subsets)
-    ax2.set_ylabel("severity - CE, BERTScore F1")
-    ax2.set_title(f"{round(100 * (1 - report['bootstrap']['alpha']))}% paired-bootstrap CI")
-    ax2.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    rows = list(report["models"][names[0]]["rows"])
+    x, width = np.arange(len(names)), 0.8 / len(rows)
+    for k, row in enumerate(rows):
+        cells = [report["models"][n]["rows"][row]["mean"]["bertscore_f1"] for n in names]
+        _bars(axes[0], x + (k - (len(rows) - 1) / 2) * width, cells, width,
+              report["models"][names[0]]["rows"][row]["label"])  # fmt: skip
+    axes[0].set_xticks(x, names)
+    axes[0].set(ylabel="BERTScore F1", title="BERTScore F1 (test split), mean over seeds")
+    axes[0].margins(y=0.3)
+    for ax, metric in zip(axes[1:], ("nll", "bertscore_f1")):
+        x = np.arange(len(SUBSETS))
+        series = [
+            (n, r, d) for n in names for r, d in report["models"][n]["minus_baseline"].items()
+        ]
+        width = 0.8 / max(len(series), 1)
+        for k, (n, r, d) in enumerate(series):
+            cells = [d[metric][s] for s in SUBSETS]
+            _bars(ax, x + (k - (len(series) - 1) / 2) * width, cells, width, f"{n}: {r}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, SUBSETS)
+        ax.set(ylabel=f"row - {report['baseline']}", title=f"{DIFFS[metric]}: row - baseline")
+    for ax in axes:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------- CLI
+def _bars(ax: Any, x: np.ndarray, cells: list[dict | None], width: float, label: str) -> None:
+    mean = np.array([np.nan if not c or c["mean"] is None else c["mean"] for c in cells])
+    err = np.array([[0.0, 0.0] if not c or c.get("lo") is None
+                    else [c["mean"] - c["lo"], c["hi"] - c["mean"]] for c in cells])  # fmt: skip
+    ax.bar(x, mean, width, yerr=err.T, capsize=3, label=label)

@@ -160,6 +160,27 @@ def refers_to_emergency(text: str) -> bool:
 # ---------------------------------------------------------------------------- paired bootstrap
 
 
+def mean_ci(values: Sequence[float | None], *, alpha: float = 0.05) -> dict[str, Any]:
+    """Mean and two-sided ``1 - alpha`` Student-t interval of the non-missing ``values``.
+
+    Used over seeds (a handful of independent runs), where a t-interval is the honest choice.
+
+    Returns:
+        ``{"mean", "lo", "hi", "n"}``; ``lo``/``hi`` are None with fewer than two values and
+        ``mean`` is None with none.
+    """
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None], np.float64)
+    if x.size == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    if x.size == 1:
+        return {"mean": float(x[0]), "lo": None, "hi": None, "n": 1}
+    half = float(stats.t.ppf(1 - alpha / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    m = float(x.mean())
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": int(x.size)}
+
+
 def paired_bootstrap_ci(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,

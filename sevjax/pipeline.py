@@ -5,8 +5,9 @@ trains a model as a side effect:
 
 1. **annotate** (:func:`annotate_embedded`): only when the severity-weighted loss needs
    probabilities that the data lacks and the data is the embedded set: the tiny severity
-   classifier is trained under ``<run_dir>/severity_classifier`` and writes
-   ``<run_dir>/annotated.jsonl`` (:mod:`sevjax.classify`). Any other data must be annotated by
+   classifier is trained under ``<run_dir>/severity_classifier`` (:mod:`sevjax.classify`) with
+   its fold models, and ``<run_dir>/annotated.jsonl`` gets out-of-fold probabilities for the
+   training examples (:mod:`sevjax.annotate`). Any other data must be annotated by
    the user first (``classify.py annotate``), and the error says so.
 2. **tokenize** (:func:`sevjax.lm_data.prepare`): the tokenizer (pretrained, or a BPE trained and
    written to ``<run_dir>/tokenizer``) and the encoded train / validation sets.
@@ -17,8 +18,9 @@ trains a model as a side effect:
    ``<run>/eval``.
 
 :func:`train` is what ``python train.py`` runs. It locks ``run_dir`` for its whole life
-(:class:`sevjax.rundir.RunDir`), validates every input it can before writing anything, and writes
-``<run_dir>/config.json`` only once the inputs have loaded.
+(:class:`sevjax.rundir.RunDir`), validates every input it can before writing anything, and
+``<run_dir>/config.json`` is written (by :func:`sevjax.loop.fit`) only once the inputs have loaded
+and the checkpoints already in ``run_dir`` are known to fit the configuration.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ from typing import Any
 
 import jax
 
-from sevjax import classify, lm_data
+from sevjax import annotate, classify, lm_data
 from sevjax import train as lm
-from sevjax.config import to_dict
 from sevjax.data import load_examples
 from sevjax.rundir import RunDir
 from sevjax.schema import ClassifyConfig, EvalConfig, ScorerSection, TrainConfig
@@ -62,7 +63,7 @@ def annotate_embedded(run_dir: Path, cfg: ClassifyConfig | None = None) -> Path:
     )
     if not (Path(cfg.run_dir) / "calibration.json").is_file():
         classify.run(cfg)
-    return classify.annotate(cfg)
+    return annotate.annotate(cfg)
 
 
 def _with_annotations(cfg: TrainConfig, examples: list[dict]) -> tuple[TrainConfig, list[dict]]:
@@ -91,12 +92,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         examples = load_examples(cfg.data.path, columns=cfg.data.columns)
         config = lm.model_config(cfg, None) if cfg.model.name_or_path else None
         mesh = make_mesh(cfg.mesh)
+        lm_data.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
         cfg, examples = _with_annotations(cfg, examples)  # 1. annotate
         tokenizer, data = lm_data.prepare(cfg, run_dir.path, examples)  # 2. tokenize
         config = config or lm.model_config(cfg, tokenizer)
-        if main:
-            run_dir.write_config(to_dict(cfg))
-        result = lm.finetune(cfg, config, data, mesh)  # 3. fine-tune
+        result = lm.finetune(cfg, config, data, mesh)  # 3. fine-tune (writes config.json)
         outputs = {
             "checkpoints": str(result.checkpoints),
             "metrics": str(run_dir.path / "metrics.jsonl"),

@@ -249,6 +249,7 @@ class ClassifyConfig(Section):
     batch_size: int = 32
     class_weighted: bool = False  # "balanced" class weights in the cross-entropy
     ece_bins: int = 15
+    folds: int = 5  # annotate the training data out of fold with K fold models; 0 = full model
     output: str | None = None  # annotate: .jsonl or .parquet; default <run_dir>/annotated.jsonl
     overwrite: bool = False  # annotate: replace an existing output (also --overwrite)
     progress: bool = True  # show a progress bar while training
@@ -265,6 +266,9 @@ class ClassifyConfig(Section):
     def validate(self) -> None:
         for name in ("epochs", "patience", "batch_size", "ece_bins"):
             positive(name, getattr(self, name))
+        positive("folds", self.folds, allow_zero=True)
+        if self.folds == 1:
+            raise ValueError("config key 'folds': 1 fold leaves nothing out; use 0 or >= 2")
         if self.output is not None:
             choice("output extension", Path(self.output).suffix.lower(), (".jsonl", ".parquet"))
         if self.optim.grad_accum != 1:
@@ -356,15 +360,32 @@ class CompareModel(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class CompareRow(Section):
+    """One fine-tuned row of the table: a name and the train --set lines that make it."""
+
+    name: str = "ce"
+    label: str | None = None  # shown in the table; default: the name
+    overrides: tuple[str, ...] = ()  # e.g. ["loss.mode=severity", "loss.weighting=balanced"]
+
+
+DEFAULT_ROWS = (
+    CompareRow("ce", "CE", ("loss.mode=ce",)),
+    CompareRow("severity", "severity-weighted", ("loss.mode=severity",)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class CompareConfig(Section):
     """No fine-tuning vs CE vs severity-weighted, per model (``... compare --config X``)."""
 
     out_dir: str = "runs/compare-tiny"
     train_config: str | None = None  # TrainConfig YAML overlay shared by every run
     train_overrides: tuple[str, ...] = ()  # train --set lines shared by every run
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # every row is trained once per seed; CIs are over seeds
     steps: int = 300
     models: tuple[CompareModel, ...] = (CompareModel(),)
+    rows: tuple[CompareRow, ...] = DEFAULT_ROWS  # fine-tuned rows; "none" is always added
+    baseline: str = "ce"  # the row every other fine-tuned row is compared with
     split: Literal["validation", "test"] = "test"
     max_examples: int | None = None
     generation: GenerationSection = dataclasses.field(default_factory=GenerationSection)
@@ -376,3 +397,10 @@ class CompareConfig(Section):
         names = [m.name for m in self.models]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"models must be a non-empty list with distinct names, got {names}")
+        rows = [r.name for r in self.rows]
+        if len(set(rows)) != len(rows) or "none" in rows:
+            raise ValueError(f"rows must have distinct names other than 'none', got {rows}")
+        if self.baseline not in rows:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the rows {rows}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sevjax import annotate as A
 from sevjax import calibration, cli, pipeline
 from sevjax import classify as C
 from sevjax.config import load
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One run serves every test below: small enough for shared CPUs (width 64, seq 64, vocab 512),
 # long enough to learn (12 epochs, early stopping after 4 without a better validation F1).
 TINY = [
+    "folds=0",
     "epochs=12",
     "patience=4",
     "model.mlp=128",
@@ -98,8 +100,7 @@ def test_export_matches_transformers(trained):
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = [ex["complaint"] for ex in load_examples()[:4]]
     enc = C.encode(tokenizer, [{"complaint": t} for t in texts], "complaint", 64)
-    _, model, _, _ = C._load_trained(cfg)
-    ours = C.predict_logits(model, enc, 16)
+    ours = C.predict_logits(A.load_trained(cfg).model, enc, 16)
     torch_model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
     with torch.no_grad():
         ref = torch_model(
@@ -111,7 +112,7 @@ def test_export_matches_transformers(trained):
 
 def test_evaluate_writes_metrics_and_diagram(trained):
     cfg, _ = trained
-    result = C.evaluate(cfg)
+    result = A.evaluate(cfg)
     for split in ("validation", "test"):
         for kind in ("raw", "calibrated"):
             m = result[split][kind]
@@ -133,7 +134,7 @@ def test_annotate_writes_valid_probabilities_and_refuses_overwrite(trained, tmp_
     digest = hashlib.sha256(EMBEDDED_PATH.read_bytes()).hexdigest()
     out = tmp_path / "annotated.jsonl"
     cfg_out = load(ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={out}"])
-    assert C.annotate(cfg_out) == out
+    assert A.annotate(cfg_out) == out
     rows = load_examples(out)
     probs = validate_severity_probs(np.array([[r[f"p_{s}"] for s in SEVERITIES] for r in rows]))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -147,9 +148,9 @@ def test_annotate_writes_valid_probabilities_and_refuses_overwrite(trained, tmp_
 
     before = out.read_bytes()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        C.annotate(cfg_out)
+        A.annotate(cfg_out)
     assert out.read_bytes() == before
-    C.annotate(
+    A.annotate(
         load(
             ClassifyConfig,
             None,
@@ -158,11 +159,11 @@ def test_annotate_writes_valid_probabilities_and_refuses_overwrite(trained, tmp_
     )
 
     pq = tmp_path / "annotated.parquet"
-    C.annotate(load(ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={pq}"]))
+    A.annotate(load(ClassifyConfig, None, [f"run_dir={cfg.run_dir}", *TINY, f"output={pq}"]))
     assert len(load_examples(pq)) == len(rows)
     same = [f"run_dir={cfg.run_dir}", f"data.path={out}", f"output={out}", "overwrite=true"]
     with pytest.raises(ValueError, match="is the input file"):
-        C.annotate(load(ClassifyConfig, None, same))
+        A.annotate(load(ClassifyConfig, None, same))
 
 
 def test_entry_script(trained, tmp_path, capsys):
@@ -213,7 +214,7 @@ def test_validation_f1_clearly_above_majority_baseline(trained):
     result = (
         json.loads((Path(cfg.run_dir) / "eval.json").read_text())
         if (Path(cfg.run_dir) / "eval.json").is_file()
-        else C.evaluate(cfg)
+        else A.evaluate(cfg)
     )
     baseline = result["baseline_macro_f1"]["validation"]
     assert baseline == pytest.approx(1 / 6, abs=1e-9)  # balanced classes: F1 0.5 on one of 3
@@ -249,3 +250,38 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.array(curve(resumed)), np.array(curve(whole)), rtol=0, atol=1e-6)
     assert resumed["best_epoch"] == whole["best_epoch"]
     assert resumed["temperature"] == pytest.approx(whole["temperature"], abs=1e-6)
+
+
+def test_out_of_fold_annotation(tmp_path):
+    """folds=2: each training example is annotated by the fold model that never saw it."""
+    args = [
+        f"run_dir={tmp_path / 'c'}",
+        *TINY,
+        "epochs=2",
+        "folds=2",
+        f"output={tmp_path / 'a.jsonl'}",
+    ]
+    cfg = load(ClassifyConfig, None, args)
+    C.run(cfg)
+    out = A.annotate(cfg)
+    rows = {r["id"]: r for r in map(json.loads, out.read_text("utf-8").splitlines())}
+    assignment = C.fold_assignment(cfg, 2)
+    examples = load_examples()
+    train_ids = [ex["id"] for ex in examples if ex["split"] == "train"]
+    assert set(assignment) == set(train_ids) and set(assignment.values()) == {0, 1}
+    for ex in examples:
+        f = assignment.get(ex["id"])
+        assert rows[ex["id"]]["annotator"] == ("full" if f is None else f"fold-{f + 1}/2")
+    for f in (0, 1):  # the probabilities are that fold model's, not the full model's
+        members = [ex for ex in examples if assignment.get(ex["id"]) == f][:8]
+        fold_model = A.load_trained(cfg, C.fold_dir(cfg.run_dir, 2, f))
+        expected = fold_model.probs(cfg, members)
+        got = np.array([[rows[ex["id"]][f"p_{s}"] for s in SEVERITIES] for ex in members])
+        np.testing.assert_allclose(got, expected / expected.sum(-1, keepdims=True), atol=1e-6)
+        held_out = json.loads((C.fold_dir(cfg.run_dir, 2, f) / "config.json").read_text())
+        assert held_out["run_dir"].endswith(f"2-{f}")
+    report = A.evaluate(cfg)
+    for kind in ("in_sample", "out_of_fold"):
+        assert {"nll", "brier", "ece"} <= set(report["train"][kind])
+    assert report["train"]["in_sample"]["nll"] != report["train"]["out_of_fold"]["nll"]
+    assert "| train | out-of-fold |" in (Path(cfg.run_dir) / "eval.md").read_text()

@@ -87,6 +87,7 @@ def compared(setup):
             **common,
             "out_dir": str(root / "compare"),
             "steps": 2,
+            "seeds": [0, 1],
             "train_overrides": [*TRAIN_OVERRIDES, f"data.path={data}"],
             "bootstrap": {"n_resamples": 200},
         },
@@ -105,46 +106,66 @@ def test_compare_writes_table_json_png(compared):
         "| tiny-gpt2 | none |",
         "| tiny-gpt2 | CE |",
         "| tiny-gpt2 | severity-weighted |",
+        "val NLL critical",
+        "severity-weighted minus CE",
     ):
         assert label in table
     m = report["models"]["tiny-gpt2"]
     assert set(m["rows"]) == {"none", "ce", "severity"}
-    for row in m["rows"].values():
-        assert row["overall"]["n"] == N_TEST
-        assert sum(row["by_severity"][s]["n"] for s in ("mild", "moderate", "critical")) == N_TEST
+    for row in ("none", "ce", "severity"):
+        for seed in (0, 1):
+            recs = _records(out, seed, row)
+            assert len(recs) == N_TEST
+            assert (
+                sum(r["severity"] == s for r in recs for s in ("mild", "moderate", "critical"))
+                == N_TEST
+            )
 
 
-def test_compare_ci_matches_records(compared):
+def _records(out, seed, row):
+    path = out / "tiny-gpt2" / f"seed-{seed}" / row / "eval" / "generations.jsonl"
+    return [json.loads(x) for x in path.open()]
+
+
+def test_compare_cis_match_records_and_logs(compared):
     cfg, report = compared
-    out = Path(cfg.out_dir) / "tiny-gpt2"
-    recs = {
-        row: [json.loads(x) for x in (out / row / "eval" / "generations.jsonl").open()]
-        for row in ("ce", "severity")
-    }
-    for row in recs.values():
-        assert len(row) == N_TEST
-        assert set(row[0]) == {
-            "id",
-            "complaint",
-            "reference",
-            "generation",
-            "severity",
-            "scores",
-        }
-    diff = np.mean(
-        [b["scores"]["bertscore_f1"] - a["scores"]["bertscore_f1"] for a, b in zip(*recs.values())]
-    )
-    cell = report["models"]["tiny-gpt2"]["severity_minus_ce"]["bertscore_f1"]["overall"]
-    assert cell["diff"] == pytest.approx(diff, abs=1e-12)
-    assert cell["lo"] <= cell["diff"] <= cell["hi"] and cell["n"] == N_TEST
-    assert all(r["scores"]["bertscore_f1"] > 0 for r in recs["ce"])  # sampled text is scored
-    crit = report["models"]["tiny-gpt2"]["severity_minus_ce"]["chrf"]["critical"]
-    assert crit["n"] == sum(r["severity"] == "critical" for r in recs["ce"])
+    out = Path(cfg.out_dir)
+    m = report["models"]["tiny-gpt2"]
+    diffs = m["minus_baseline"]["severity"]
+    per_seed = []
+    for seed in (0, 1):
+        ce, sev = _records(out, seed, "ce"), _records(out, seed, "severity")
+        assert set(ce[0]) == {"id", "complaint", "reference", "generation", "severity", "scores"}
+        d = np.mean(
+            [b["scores"]["bertscore_f1"] - a["scores"]["bertscore_f1"] for a, b in zip(ce, sev)]
+        )
+        cell = diffs["bertscore_f1"]["overall"]["per_seed"][seed]
+        assert cell["diff"] == pytest.approx(d, abs=1e-12)
+        assert cell["lo"] <= cell["diff"] <= cell["hi"] and cell["n"] == N_TEST
+        crit = diffs["chrf_sentence"]["critical"]["per_seed"][seed]
+        assert crit["n"] == sum(r["severity"] == "critical" for r in ce)
+        per_seed.append(d)
+        # the per-severity validation NLL of each row is the run's own last validation record
+        for row in ("ce", "severity"):
+            rows = [
+                json.loads(x)
+                for x in (out / "tiny-gpt2" / f"seed-{seed}" / row / "metrics.jsonl").open()
+            ]
+            last = max((r for r in rows if r["split"] == "validation"), key=lambda r: r["step"])
+            assert m["rows"][row]["seeds"][seed]["nll/critical"] == pytest.approx(
+                last["loss/critical"]
+            )
+    over = diffs["bertscore_f1"]["overall"]
+    assert over["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12) and over["n"] == 2
+    assert over["lo"] <= over["mean"] <= over["hi"]
+    nll = diffs["nll"]["critical"]
+    assert nll["n"] == 2 and nll["lo"] <= nll["mean"] <= nll["hi"]
+    assert all(r["scores"]["bertscore_f1"] > 0 for r in _records(out, 0, "ce") if r["generation"])
 
 
 def test_evaluate_cli_reproduces_the_compare_row(compared, setup, capsys):
     cfg, report = compared
-    run = Path(cfg.out_dir) / "tiny-gpt2" / "ce"
+    run = Path(cfg.out_dir) / "tiny-gpt2" / "seed-0" / "ce"
     _, _, common = setup
     sets = [
         f"max_examples={N_TEST}",
@@ -159,8 +180,10 @@ def test_evaluate_cli_reproduces_the_compare_row(compared, setup, capsys):
     assert cli.train_main(argv) == 0
     assert "| overall |" in capsys.readouterr().out
     summary = json.loads((run / "eval-again" / "summary.json").read_text())
-    expected = report["models"]["tiny-gpt2"]["rows"]["ce"]["overall"]
+    expected = json.loads((run / "eval" / "summary.json").read_text())["overall"]
     assert summary["overall"] == pytest.approx(expected, abs=1e-6)  # float32 scorer runs
+    f1 = report["models"]["tiny-gpt2"]["rows"]["ce"]["seeds"][0]["bertscore_f1"]
+    assert summary["overall"]["bertscore_f1"] == pytest.approx(f1, abs=1e-6)
 
 
 def test_bucketed_generation_equals_one_by_one():
