@@ -46,6 +46,7 @@ from sevjax.classify import (
     train_folds,
 )
 from sevjax.config import to_dict
+from sevjax.distributed import barrier, is_main
 from sevjax.schema import ClassifyConfig
 from sevjax.trainer import make_mesh
 
@@ -144,7 +145,9 @@ def annotate(cfg: ClassifyConfig) -> Path:
         row["severity_pred"] = L.SEVERITIES[int(np.argmax(p))]
         row["annotator"] = who
         rows.append(row)
-    data_lib.save_examples(rows, out, overwrite=cfg.overwrite)
+    if is_main():
+        data_lib.save_examples(rows, out, overwrite=cfg.overwrite)
+    barrier(f"sevjax-annotate-{out}")  # every process reads the file next
     oof = sum(a != "full" for a in annotator)
     print(f"[classify] annotated {len(rows)} examples ({oof} out of fold) -> {out}")
     return out
@@ -190,11 +193,12 @@ def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
             result["rule_labeler"][split] = label_metrics(labels[split], rule_labels(parts[split]))
         curves[split] = (softmax(z), softmax(z / temperature), labels[split])
     result["train"] = _train_calibration(cfg, full, parts["train"], train_labels)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     table = _table(result)
-    (run_dir / "eval.md").write_text(table + "\n", encoding="utf-8")
-    reliability_diagram(curves, run_dir / "reliability.png", bins=cfg.ece_bins)
-    print(table)
+    if is_main():
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+        (run_dir / "eval.md").write_text(table + "\n", encoding="utf-8")
+        reliability_diagram(curves, run_dir / "reliability.png", bins=cfg.ece_bins)
+        print(table)
     return result
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from sevjax import metrics, pipeline
 from sevjax import train as lm
 from sevjax.config import load
+from sevjax.distributed import is_main
 from sevjax.evaluate import dtype_of, eos_ids, eval_examples, evaluate_model
 from sevjax.logs import read as read_log
 from sevjax.loss import SEVERITIES
@@ -139,9 +140,10 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     labels = {"none": "none", **{r.name: r.label or r.name for r in cfg.rows}}
     info = dict(steps=cfg.steps, seeds=list(cfg.seeds), scorer=f"{scorer_path} layer {layer}")
     report = build_report(results, cfg, labels, note=note, **info)
-    (out / "compare.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    (out / "compare.md").write_text(report_markdown(report), encoding="utf-8")
-    report_plot(report, out / "compare.png")
+    if is_main():
+        (out / "compare.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        (out / "compare.md").write_text(report_markdown(report), encoding="utf-8")
+        report_plot(report, out / "compare.png")
     print(f"\n{report_markdown(report)}\n[compare] compare.md, .json, .png -> {out}")
     return report
 

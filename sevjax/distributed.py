@@ -45,3 +45,20 @@ def initialize() -> None:
         or "," in env.get("TPU_WORKER_HOSTNAMES", "")
     ):
         jax.distributed.initialize()
+
+
+def is_main() -> bool:
+    """Whether this is process 0 (the one that writes files other than checkpoints)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches ``name`` (no-op for a single process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

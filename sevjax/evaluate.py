@@ -26,6 +26,7 @@ import numpy as np
 
 from sevjax import metrics
 from sevjax.config import from_dict
+from sevjax.distributed import is_main
 from sevjax.schema import (
     CompareConfig,
     DataSection,
@@ -206,11 +207,12 @@ def evaluate_model(
         **metrics.summarize(rows),
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     print(f"\n[eval] {name} ({len(rows)} examples) -> {out}\n{format_table(summary)}")
     if note:
         print(f"NOTE: {note}")
@@ -247,7 +249,8 @@ def resolve_run(cfg: EvalConfig) -> RunTarget:
     """Checks ``cfg.run`` (a train run dir, an HF causal-LM dir or a Hub id) and its outputs.
 
     Raises:
-        FileNotFoundError: no such directory (and not a Hub id), or a train run without ``hf/``.
+        FileNotFoundError: no such directory (and no Hub model of that id: its ``config.json`` is
+            fetched), or a train run without ``hf/``.
     """
     if cfg.run is None:
         raise ValueError("evaluate needs a model: --run DIR (train run, HF dir or Hub id)")
@@ -270,6 +273,16 @@ def resolve_run(cfg: EvalConfig) -> RunTarget:
             f"--run {cfg.run}: no such directory (expected a train run dir, an HF model dir or "
             "a Hub id like owner/name)"
         )
+    if not run.exists():  # "runs/tiny" looks like a Hub id too: its config.json must be there
+        from sevjax.hf import read_config
+
+        try:
+            read_config(cfg.run)
+        except FileNotFoundError as e:
+            why = str(e.__cause__ or e).strip().splitlines()[0][:200]
+            raise FileNotFoundError(
+                f"--run {cfg.run}: no such directory, and not a model on the Hub ({why})"
+            ) from None
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs/eval") / run.name
     return RunTarget(str(cfg.run), cfg.data, out_dir, str(cfg.run), out_dir)
 

@@ -89,6 +89,40 @@ class Encoded:
         return len(self.tokens[i]) - 1
 
 
+def fit_to_length(
+    prompt: list[int],
+    answer: list[int],
+    room: int,
+    *,
+    min_prompt: int,
+    long_responses: str,
+    bos: int | None = None,
+) -> tuple[list[int], list[int], str]:
+    """The truncation policy: make ``prompt + answer`` hold at most ``room`` tokens.
+
+    1. If it is too long, the prompt is shortened first, keeping its *last* tokens (the end of the
+       complaint and the answer cue; a leading ``bos`` stays), but never below ``min_prompt``,
+       so the response keeps its EOS whenever it can.
+    2. If the response alone still does not fit, ``long_responses="truncate"`` keeps its head
+       (it then has no EOS: the model learns that the answer goes on) and ``"drop"`` drops the
+       example.
+
+    Returns:
+        ``(prompt, answer, what)`` with ``what`` in ``"", "prompt", "response", "drop"``.
+    """
+    if len(prompt) + len(answer) <= room:
+        return prompt, answer, ""
+    keep = max(min(min_prompt, len(prompt)), room - len(answer))
+    if keep < len(prompt):
+        head = prompt[:1] if bos is not None and prompt[0] == bos and keep > 1 else []
+        prompt = head + prompt[len(prompt) - (keep - len(head)) :]
+        if len(prompt) + len(answer) <= room:
+            return prompt, answer, "prompt"
+    if long_responses == "drop" or room - len(prompt) < 1:
+        return prompt, answer, "drop"
+    return prompt, answer[: room - len(prompt)], "response"
+
+
 def encode_examples(
     examples: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -98,11 +132,12 @@ def encode_examples(
     template: str,
     chat_template: bool,
     max_length: int,
+    min_prompt: int = 32,
+    long_responses: str = "truncate",
     name: str = "train",
 ) -> Encoded:
-    """Tokenizes examples, truncating each to ``max_length`` model inputs (a printed count).
-
-    Examples left with no response token after truncation are dropped (also counted).
+    """Tokenizes examples, fitting each to ``max_length`` model inputs with :func:`fit_to_length`
+    (the counts of shortened prompts, truncated responses and dropped examples are printed).
 
     Args:
         examples: dicts with ``complaint`` and ``response``.
@@ -111,10 +146,11 @@ def encode_examples(
         severity: ``[N]`` int class index per example.
         template, chat_template: see :func:`format_example`.
         max_length: T_max, the longest model input (the sequence holds ``T_max + 1`` tokens).
+        min_prompt, long_responses: see :func:`fit_to_length`.
         name: split name for the printed summary.
     """
     tokens, starts, keep = [], [], []
-    truncated = dropped = 0
+    counts = {"prompt": 0, "response": 0, "drop": 0}
     for i, ex in enumerate(examples):
         prompt, answer = format_example(
             tokenizer,
@@ -123,20 +159,22 @@ def encode_examples(
             template=template,
             chat_template=chat_template,
         )
-        seq = prompt + answer
-        if len(seq) > max_length + 1:
-            truncated += 1
-            seq = seq[: max_length + 1]
-        if len(prompt) >= len(seq):  # no target left after the prompt
-            dropped += 1
+        prompt, answer, what = fit_to_length(
+            prompt, answer, max_length + 1, min_prompt=min_prompt,
+            long_responses=long_responses, bos=tokenizer.bos_token_id,
+        )  # fmt: skip
+        if what:
+            counts[what] += 1
+        if what == "drop":
             continue
-        tokens.append(np.asarray(seq, np.int32))
+        tokens.append(np.asarray(prompt + answer, np.int32))
         starts.append(len(prompt))
         keep.append(i)
-    if truncated or dropped:
+    if any(counts.values()):
         print(
-            f"[data] {name}: truncated {truncated} of {len(examples)} examples to "
-            f"{max_length} tokens; dropped {dropped} with no response token left"
+            f"[data] {name}: {len(examples)} examples, {max_length} tokens at most: shortened "
+            f"{counts['prompt']} prompts (kept their end), truncated {counts['response']} "
+            f"responses (no EOS), dropped {counts['drop']} (data.long_responses={long_responses})"
         )
     if not tokens:
         raise ValueError(
@@ -232,25 +270,34 @@ class Batcher:
         """The example order of ``epoch``."""
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
 
-    def batch_at(self, epoch: int, index: int) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    def batch_at(
+        self, epoch: int, index: int, rows: slice = slice(None)
+    ) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
         """The step that starts at ``(epoch, index)`` and the position after it.
 
+        Args:
+            epoch, index: the position.
+            rows: the rows of each micro-batch to build (a process builds only its own); the
+                padded length T is still the step's global one.
+
         Returns:
-            ``(batch, (epoch, index))`` with batch arrays shaped ``[A, B, T]``.
+            ``(batch, (epoch, index))`` with batch arrays shaped ``[A, len(rows), T]``.
         """
         order = self.order(epoch)
         if self.pack:
-            rows, index = self._pack(order, index)
+            members, index = self._pack(order, index)
         else:
             if index + self.rows > len(order):  # drop the epoch's incomplete tail
                 epoch, index = epoch + 1, 0
                 order = self.order(epoch)
-            rows = [[int(i)] for i in order[index : index + self.rows]]
+            members = [[int(i)] for i in order[index : index + self.rows]]
             index += self.rows
-        longest = max(sum(self.data.length(i) for i in r) for r in rows if r)
+        longest = max(sum(self.data.length(i) for i in r) for r in members if r)
         t = bucket_length(longest, self.buckets)
-        flat = rows_to_batch(self.data, rows, t)
-        batch = {k: v.reshape(self.accum, self.batch_size, t) for k, v in flat.items()}
+        local = range(self.batch_size)[rows]
+        picked = [members[a * self.batch_size + b] for a in range(self.accum) for b in local]
+        flat = rows_to_batch(self.data, picked, t)
+        batch = {k: v.reshape(self.accum, len(local), t) for k, v in flat.items()}
         if index >= len(order):
             epoch, index = epoch + 1, 0
         return batch, (epoch, index)
@@ -351,13 +398,31 @@ def training_splits(cfg: TrainConfig, examples: list[dict[str, Any]]) -> dict[st
 
 
 def load_tokenizer(cfg: TrainConfig, run_dir: Path, train_examples: list[dict[str, Any]]) -> Any:
-    """The pretrained tokenizer, or (random init) a BPE trained on the training texts."""
+    """The pretrained tokenizer, ``<run_dir>/tokenizer`` (a resumed run), or (random init) a new
+    BPE trained on the training texts, not yet saved (:func:`prepare` saves it).
+
+    Raises:
+        FileNotFoundError: the configured tokenizer is a path that does not exist.
+        ValueError: the configured tokenizer cannot be loaded (the message names the key and
+            path) or has no eos token.
+    """
     if cfg.model.tokenizer is not None or cfg.model.name_or_path is not None:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path)
+        key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.name_or_path"
+        source = cfg.model.tokenizer or cfg.model.name_or_path
+        if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+            raise FileNotFoundError(f"{key}={source}: no such directory")
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+        except Exception as e:  # transformers raises many types (KeyError for a bad JSON file)
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ValueError(
+                f"{key}={source}: could not load a tokenizer from it ({type(e).__name__}: "
+                f"{reason}); expected an HF model or tokenizer directory, or a Hub id"
+            ) from e
         if tok.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos token; the loss needs one to end responses")
+            raise ValueError(f"{key}={source}: the tokenizer has no eos token; the loss needs one")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -368,12 +433,21 @@ def load_tokenizer(cfg: TrainConfig, run_dir: Path, train_examples: list[dict[st
         return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     texts = [cfg.data.template.format(complaint=ex["complaint"]) for ex in train_examples]
     texts += [ex["response"] for ex in train_examples]
-    # deterministic, so every process trains the same one; only process 0 writes it
-    tok = train_bpe_tokenizer(
-        texts, cfg.model.vocab_size, tok_dir if jax.process_index() == 0 else None
-    )
+    # deterministic, so every process trains the same one; only process 0 writes it (prepare)
+    tok = train_bpe_tokenizer(texts, cfg.model.vocab_size)
     print(f"[data] trained a {len(tok)}-token byte-level BPE tokenizer -> {tok_dir}")
     return tok
+
+
+def check_batch_sizes(cfg: TrainConfig, rows: int) -> None:
+    """Raises ``ValueError`` unless the train and eval batch sizes divide over ``rows`` devices
+    (``data x fsdp`` of the mesh): checked before anything is tokenized or written."""
+    for key, size in (
+        ("data.batch_size", cfg.data.batch_size),
+        ("eval.batch_size", cfg.eval.batch_size),
+    ):
+        if size % rows:
+            raise ValueError(f"{key}={size} must divide over data x fsdp = {rows} devices")
 
 
 def example_weights(cfg: TrainConfig, train: list, probs: np.ndarray | None) -> np.ndarray:
@@ -402,6 +476,8 @@ def encode(cfg: TrainConfig, splits: dict, tokenizer: Any) -> dict[str, Encoded]
             template=cfg.data.template,
             chat_template=cfg.data.chat_template,
             max_length=max(cfg.data.buckets),
+            min_prompt=cfg.data.min_prompt_tokens,
+            long_responses=cfg.data.long_responses,
             name=name,
         )
     return out
@@ -412,8 +488,15 @@ def prepare(
 ) -> tuple[Any, dict[str, Encoded]]:
     """The tokenize stage: ``(tokenizer, {"train": Encoded, "validation": Encoded})``.
 
-    Writes ``<run_dir>/tokenizer`` when it trains a tokenizer (random-init models only).
+    Writes ``<run_dir>/tokenizer`` when it trains a tokenizer (random-init models only), after
+    the train and validation sets encoded.
     """
     splits = training_splits(cfg, examples)
+    tok_dir = Path(run_dir) / "tokenizer"
+    trains = cfg.model.tokenizer is None and cfg.model.name_or_path is None
+    trains = trains and not (tok_dir / "tokenizer.json").is_file()
     tokenizer = load_tokenizer(cfg, run_dir, splits["train"])
-    return tokenizer, encode(cfg, splits, tokenizer)
+    data = encode(cfg, splits, tokenizer)
+    if trains and jax.process_index() == 0:  # written once the data is known to encode
+        tokenizer.save_pretrained(str(tok_dir))
+    return tokenizer, data

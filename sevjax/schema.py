@@ -55,6 +55,8 @@ class DataSection(Section):
     template: str = "الشكوى: {complaint}\nالرد: "  # prompt when there is no chat template
     chat_template: bool = True  # use the tokenizer's chat template when it has one
     buckets: tuple[int, ...] = (64, 128, 256)  # padded lengths; the largest is the max length
+    min_prompt_tokens: int = 32  # a too-long example shortens its prompt first, down to this
+    long_responses: Literal["truncate", "drop"] = "truncate"  # a response longer than the room
     pack: bool = False  # several examples per row (segment ids, per-token weights)
     batch_size: int = 16  # rows per micro-batch, across all devices
     max_train_examples: int | None = None  # a deterministic subset, for quick runs
@@ -64,6 +66,7 @@ class DataSection(Section):
         if not self.buckets or min(self.buckets) < 2:
             raise ValueError(f"data.buckets must be lengths >= 2, got {self.buckets}")
         positive("data.batch_size", self.batch_size)
+        positive("data.min_prompt_tokens", self.min_prompt_tokens)
         if "{complaint}" not in self.template:
             raise ValueError(f"data.template must contain {{complaint}}, got {self.template!r}")
 

@@ -170,8 +170,7 @@ class LMTask:
     # host --------------------------------------------------------------------------------
 
     def train_batch(self, position: Position, rows: slice):
-        batch, position = self.batcher.batch_at(*position)
-        return {k: v[:, rows] for k, v in batch.items()}, position
+        return self.batcher.batch_at(*position, rows=rows)
 
     def eval_batches(self, rows: slice) -> Iterator[dict[str, np.ndarray]]:
         for batch in lm_data.eval_batches(self.validation, self.eval_rows, self.buckets):

@@ -98,8 +98,9 @@ def test_truncation_is_counted_and_prompt_only_rows_dropped(examples, tokenizer,
     ]
     limit = int(np.median(prompts))  # about half the prompts fill the whole length
     enc = lm_data.encode_examples(
-        examples, tokenizer, w, s, template=TEMPLATE, chat_template=False, max_length=limit
-    )
+        examples, tokenizer, w, s, template=TEMPLATE, chat_template=False, max_length=limit,
+        min_prompt=10**6,  # prompts may not be shortened: those filling the length are dropped
+    )  # fmt: skip
     assert 0 < len(enc) < len(examples)
     out = capsys.readouterr().out
     assert "truncated" in out and "dropped" in out
@@ -183,3 +184,37 @@ def test_packed_rows_do_not_attend_across_examples(encoded):
     a, b = sums(packed), sums(single)
     for k in ("nll_sum", "weighted_nll_sum", "token_count", "weight_sum"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+
+
+def test_truncation_policy_shortens_the_prompt_before_the_response():
+    bos, eos = 1, 2
+    prompt, answer = [bos, *range(10, 30)], [*range(40, 50), eos]  # 21 + 11 tokens
+    # room for all: unchanged
+    assert lm_data.fit_to_length(prompt, answer, 32, min_prompt=8, long_responses="drop") == (
+        prompt, answer, "")  # fmt: skip
+    # 24 tokens: the prompt loses its start (BOS kept), the response keeps its EOS
+    p, a, what = lm_data.fit_to_length(
+        prompt, answer, 24, min_prompt=8, long_responses="drop", bos=bos
+    )
+    assert what == "prompt" and a == answer and p == [bos, *range(18, 30)] and len(p + a) == 24
+    # 15 tokens: the prompt stops at min_prompt; the response is cut (no EOS) or the row dropped
+    p, a, what = lm_data.fit_to_length(
+        prompt, answer, 15, min_prompt=8, long_responses="truncate", bos=bos
+    )
+    assert what == "response" and p == [bos, *range(23, 30)] and a == answer[:7]
+    assert eos not in a and len(p + a) == 15
+    assert (
+        lm_data.fit_to_length(prompt, answer, 15, min_prompt=8, long_responses="drop")[2] == "drop"
+    )
+
+
+def test_long_responses_config_reaches_the_encoder(examples, tokenizer, capsys):
+    w, s = np.ones(len(examples)), np.zeros(len(examples))
+    kw = dict(template=TEMPLATE, chat_template=False, max_length=24, min_prompt=8)
+    cut = lm_data.encode_examples(examples, tokenizer, w, s, long_responses="truncate", **kw)
+    assert len(cut) == len(examples)
+    assert "data.long_responses=truncate" in capsys.readouterr().out
+    dropped = lm_data.encode_examples(examples, tokenizer, w, s, long_responses="drop", **kw)
+    assert len(dropped) < len(examples)
+    for i in range(len(dropped)):  # every kept example ends with its EOS
+        assert dropped.tokens[i][-1] == tokenizer.eos_token_id

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import _lm_fixtures as lm_fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from flax import nnx
 
 from sevjax import data as data_lib
-from sevjax import lm_data, loop, optim, pipeline, tokenizer, train, trainer
+from sevjax import lm_data, loop, optim, pipeline, train, trainer
 from sevjax.checkpoint import Checkpointer
 from sevjax.config import load
 from sevjax.schema import TrainConfig
@@ -23,63 +24,13 @@ from sevjax.schema import TrainConfig
 REPO = Path(__file__).parents[1]
 
 
-def _short(text: str, words: int) -> str:
-    return " ".join(text.split()[:words])
-
-
 @pytest.fixture(scope="module")
 def fixture_data(tmp_path_factory):
     """A small annotated JSONL (random severity probabilities) and a 300-token BPE for it."""
-    root = tmp_path_factory.mktemp("data")
-    splits = data_lib.split_examples(data_lib.load_examples())
-    rng = np.random.default_rng(0)
-    rows = []
-    for ex in splits["train"][:48] + splits["validation"][:16]:
-        p = rng.dirichlet([1.0, 1.0, 1.0])
-        rows.append(
-            {
-                "id": ex["id"],
-                "complaint": _short(ex["complaint"], 4),
-                "response": _short(ex["response"], 8),
-                "split": ex["split"],
-                "severity": ex["severity"],
-                **dict(zip(("p_mild", "p_moderate", "p_critical"), map(float, p / p.sum()))),
-            }
-        )
-    path = root / "annotated.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    texts = [r["complaint"] for r in rows] + [r["response"] for r in rows]
-    tokenizer.train_bpe_tokenizer(texts, 300, root / "tokenizer")
-    return path, root / "tokenizer"
+    return lm_fixtures.make_annotated(tmp_path_factory.mktemp("data"))
 
 
-def _overrides(fixture_data, run_dir, *extra):
-    path, tok = fixture_data
-    return [
-        f"run_dir={run_dir}",
-        f"data.path={path}",
-        f"model.tokenizer={tok}",
-        "model.layers=2",
-        "model.width=32",
-        "model.heads=2",
-        "model.vocab_size=300",
-        "model.max_positions=64",
-        "data.buckets=[64]",
-        "data.batch_size=8",
-        "eval.batch_size=8",
-        "eval.every=100",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-        "log.every=1",
-        "log.tensorboard=false",
-        "log.plot=false",
-        "log.progress=false",
-        "export_hf=false",
-        "checkpoint.every=2",
-        "mesh.data=1",
-        "steps=6",
-        *extra,
-    ]
+_overrides = lm_fixtures.overrides
 
 
 def _cfg(fixture_data, run_dir, *extra) -> TrainConfig:
