@@ -12,14 +12,15 @@ Restoring takes *abstract* targets (``jax.ShapeDtypeStruct`` with the current sh
 checkpoint loads onto any mesh shape without the state ever being built first.
 
 :meth:`Checkpointer.restore_latest` is what a resuming run calls: it refuses a checkpoint of
-another configuration (naming the keys whose shapes differ), and falls back past a damaged or
-non-finite newest checkpoint to the previous good one, moving the damaged step directory aside to
-``<directory>-damaged/`` (nothing is deleted).
+another configuration (naming the config keys and array shapes that differ, before reading any
+array), and falls back past a damaged or non-finite checkpoint to the previous good one, moving
+the damaged step directory aside to ``<directory>-damaged/`` (nothing is deleted). Its messages
+name the step, the directory and the file or array that failed.
 
 Typical use::
 
     ckpt = Checkpointer(run_dir / "checkpoints", every=100, keep=2)
-    found = ckpt.restore_latest(abstract_state)   # None, or (step, state, meta)
+    found = ckpt.restore_latest(abstract_state, config_dict)  # None or (step, state, meta)
     ...
     ckpt.save(step, state, {"epoch": 0, "index": 64}, config_dict)
     ckpt.close()
@@ -59,9 +60,43 @@ def _key_path(path: tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def _first_line(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
+    """The root cause's first line: Orbax wraps TensorStore's precise error (which names the
+    array and the file) in an exception whose text is an unprintable object."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+_ORBAX_NOISE = ("Event loop is closed", "Encountered error while reading array index")
+
+
+def _quiet_failed_reads() -> None:
+    """Drops the echoes of a failed Orbax read that arrive after it was reported.
+
+    A failed restore leaves Orbax's other concurrent array reads running; when they finish on
+    TensorStore threads after the event loop closed, or are garbage-collected, Python prints
+    "Event loop is closed" and "Exception ignored in <coroutine ...>" tracebacks, and asyncio
+    logs "Task exception was never retrieved". Only those (the failure :meth:`restore_latest`
+    already named) are dropped; everything else reaches the previous hooks. Installed once.
+    """
+    import logging
+    import sys
+
+    if getattr(sys.unraisablehook, "_sevjax_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(args: Any) -> None:
+        if not any(text in str(args.exc_value) for text in _ORBAX_NOISE):
+            previous(args)
+
+    hook._sevjax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not any(text in record.getMessage() for text in _ORBAX_NOISE)
+    )
 
 
 class Checkpointer:
@@ -159,12 +194,8 @@ class Checkpointer:
 
         Returns:
             Lines like ``"params/h/0/attn/kernel: saved (64, 192), now (32, 96)"``; empty when the
-            checkpoint fits ``target``. An unreadable metadata file gives one line saying so.
+            checkpoint fits ``target``.
         """
-        try:
-            saved = self.state_metadata(step)
-        except Exception as e:  # damaged metadata: report, let restore_latest fall back
-            return [f"<metadata unreadable: {_first_line(e)}>"]
 
         def flat(tree: Any) -> dict[str, tuple[int, ...]]:
             leaves = jax.tree_util.tree_leaves_with_path(
@@ -172,74 +203,117 @@ class Checkpointer:
             )
             return {_key_path(path): tuple(x.shape) for path, x in leaves}
 
-        a, b = flat(saved), flat(target)
+        def order(keys: set[str]) -> list[str]:  # parameters first: they tell the story
+            return sorted(keys, key=lambda k: (not k.startswith("params"), k))
+
+        a, b = flat(self.state_metadata(step)), flat(target)
         lines = [
-            f"{k}: saved {a[k]}, now {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]
+            f"{k}: saved {a[k]}, now {b[k]}" for k in order(a.keys() & b.keys()) if a[k] != b[k]
         ]
         lines += [
-            f"{k}: saved {a[k]}, not in this configuration" for k in sorted(a.keys() - b.keys())
+            f"{k}: saved {a[k]}, not in this configuration" for k in order(a.keys() - b.keys())
         ]
-        lines += [f"{k}: not in the checkpoint, now {b[k]}" for k in sorted(b.keys() - a.keys())]
+        lines += [f"{k}: not in the checkpoint, now {b[k]}" for k in order(b.keys() - a.keys())]
         return lines
 
-    def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_latest(
+        self, target: Any, config: dict[str, Any] | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest restorable checkpoint, falling back past damaged ones.
+
+        A step whose files cannot be read, or whose state holds NaN or inf, is moved to
+        ``<directory>-damaged/<step>-<time>`` (printed) and the next older one is tried.
 
         Args:
             target: the abstract state (see :meth:`restore`).
+            config: the current run's config dict; when given, a refusal names the config keys
+                that differ from the checkpoint's saved config.
 
         Returns:
             ``(step, state, meta)``, or None when there is no checkpoint.
 
         Raises:
-            CheckpointError: the newest checkpoint belongs to another configuration (its keys
-                or shapes differ; the message lists them), or no checkpoint can be read.
+            CheckpointError: the newest checkpoint belongs to another configuration (array keys
+                or shapes differ; nothing is moved), or no checkpoint can be read (all moved).
         """
         problems = []
         for step in reversed(self.all_steps()):
-            wrong = self.mismatches(step, target)
-            if wrong and not wrong[0].startswith("<metadata unreadable"):
-                shown = "\n  ".join(wrong[:12]) + ("\n  ..." if len(wrong) > 12 else "")
-                raise CheckpointError(
-                    f"{self.directory} holds checkpoints of another configuration (step {step}):"
-                    f"\n  {shown}\nUse a new run_dir for this configuration, or move "
-                    f"{self.directory} away to start this run over."
-                )
             try:
-                if wrong:
-                    raise ValueError(wrong[0])
+                wrong = self.mismatches(step, target)
+            except Exception as e:  # unreadable metadata: this step is damaged
+                problems.append(self._set_aside(step, f"unreadable metadata: {_reason(e)}"))
+                continue
+            if wrong:
+                raise CheckpointError(self._foreign(step, wrong, config))
+            try:
                 state, meta = self.restore(step, target)
-                if not bool(_all_finite(state)):
-                    raise ValueError("it holds NaN or inf values")
+                finite = bool(_all_finite(state))
             except Exception as e:  # any read failure means this step is damaged
-                problems.append(f"step {step}: {_first_line(e)}")
-                self._set_aside(step, problems[-1])
+                _quiet_failed_reads()
+                problems.append(self._set_aside(step, _reason(e)))
+                continue
+            if not finite:
+                problems.append(self._set_aside(step, "its state holds NaN or inf values"))
                 continue
             return step, state, meta
         if problems:
             raise CheckpointError(
-                f"no readable checkpoint in {self.directory}: {'; '.join(problems)}. The damaged "
-                f"steps were moved to {self._damaged_dir()}; rerun to start from scratch."
+                f"no readable checkpoint in {self.directory}: {'; '.join(problems)}. All of them "
+                f"were moved to {self._damaged_dir()}; rerun to start this run from step 0 "
+                "(or put an intact copy back into the checkpoints directory first)"
             )
         return None
+
+    def _foreign(self, step: int, wrong: list[str], config: dict[str, Any] | None) -> str:
+        """The refusal of a checkpoint of another configuration, in one line."""
+        from sevjax.rundir import changed_keys
+
+        arrays = f"{len(wrong)} array(s) differ, e.g. {wrong[0]}"
+        try:
+            saved = self.restore_config(step) if config is not None else None
+        except Exception:  # the config item is damaged: the array shapes still tell the story
+            saved = None
+        if saved is not None:
+            keys = changed_keys(saved, config, ignore=("run_dir",))
+            shown = ", ".join(f"{k} (saved {_get(saved, k)!r}, now {_get(config, k)!r})"
+                              for k in keys[:8])  # fmt: skip
+            if keys:
+                arrays = (
+                    f"config keys that differ: {shown}{' ...' if len(keys) > 8 else ''}; " + arrays
+                )
+        return (
+            f"{self.directory} holds checkpoints of another configuration (step {step}): {arrays}. "
+            "Use a new run_dir for this configuration (--set run_dir=...), or rerun with the "
+            "checkpoint's settings to resume it; nothing was changed"
+        )
 
     def _damaged_dir(self) -> Path:
         return self.directory.with_name(self.directory.name + "-damaged")
 
-    def _set_aside(self, step: int, why: str) -> None:
-        """Moves a damaged step directory out of the manager's way (kept, never deleted)."""
-        print(f"[checkpoint] {self.directory / str(step)} is damaged ({why}); trying an older one")
+    def _set_aside(self, step: int, why: str) -> str:
+        """Moves a damaged step directory out of the manager's way (kept, never deleted).
+
+        Returns:
+            ``"step <step>: <why>"``.
+        """
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            dest = self._damaged_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
+            dest = self._damaged_dir() / f"{step}-{stamp}"
+            while dest.exists():  # the same step set aside twice within a second
+                k += 1
+                dest = self._damaged_dir() / f"{step}-{stamp}-{k}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(dest))
-            print(f"[checkpoint] moved it to {dest}")
+            print(
+                f"[checkpoint] step {step} in {self.directory} is damaged ({why}); moved to {dest}"
+            )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"sevjax-set-aside-{step}")
         self.manager.reload()
+        return f"step {step}: {why}"
 
     def wait(self) -> None:
         """Blocks until background saves are written."""
@@ -249,6 +323,12 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
 
 
 def host_meta(meta: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,16 @@
 """The command lines of ``train.py`` and ``classify.py``: parsing, help, and one error path.
 
-A user error (bad config, bad data, a busy or foreign run_dir, a non-finite loss ...) prints one
-line ``error: ...`` on stderr and exits with status 1 (2 for a config or usage error), without a
-traceback; ``--debug`` (or ``SEVJAX_DEBUG=1``) shows the traceback instead. Multi-process
-environments are initialized here, before anything touches JAX.
+A user error (bad config, bad data, a busy or foreign run_dir, damaged checkpoints, a non-finite
+loss ...) prints ``error: ...`` on stderr (``config error: ...`` for the configuration itself)
+and exits with status 1 (2 for a config or usage error, 130 when interrupted), without a
+traceback; ``--debug`` (or ``SEVJAX_DEBUG=1``) shows the traceback instead. A bug (any other
+exception) keeps its traceback. Multi-process environments are initialized here, before
+anything touches JAX.
+
+Typical use (the entry scripts)::
+
+    sys.exit(train_main())      # train.py
+    sys.exit(classify_main())   # classify.py
 """
 
 from __future__ import annotations
@@ -21,16 +28,23 @@ python train.py [--config YAML] [--set KEY=VALUE ...]   fine-tune (annotate -> t
 python train.py evaluate --run DIR [--set KEY=VALUE ...]  generate for a split and score it
 python train.py compare --config YAML [--set ...]         the paper's table: none / CE / severity rows
 python train.py COMMAND --print-config                    every config key, its default and meaning
-Rerunning a command resumes from the newest checkpoint in its run_dir."""
+Rerunning a command resumes from the newest checkpoint in its run_dir. Errors print one line;
+add --debug (or SEVJAX_DEBUG=1) for the traceback."""
 
 CLASSIFY_USAGE = """\
 python classify.py train [--config YAML] [--set KEY=VALUE ...]   train the severity classifier
 python classify.py evaluate [...]                                metrics and a reliability diagram
 python classify.py annotate [--overwrite] [...]                  write p_mild, p_moderate, p_critical
-python classify.py COMMAND --print-config                        every config key with its default"""
+python classify.py COMMAND --print-config                        every config key with its default
+Errors print one line; add --debug (or SEVJAX_DEBUG=1) for the traceback."""
+
+
+class _ConfigError(Exception):
+    """A configuration that does not load or validate (exit status 2)."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix: reported in one line, without a traceback."""
     from sevjax.checkpoint import CheckpointError
     from sevjax.loop import NonFiniteStep
     from sevjax.rundir import RunDirBusy
@@ -48,7 +62,10 @@ def _parser(prog: str, usage: str, commands: Sequence[str], default: str | None)
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one key, e.g. --set optim.lr=3e-4 (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--print-config", action="store_true", help="list every key and exit")
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="list every key of the command's config with its default and meaning, and exit",
+    )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -63,22 +80,42 @@ def print_config(schema: type) -> None:
         print(f"{key:<{width}}  {value:<24}  {help_text}".rstrip())
 
 
+def _debug(args: argparse.Namespace) -> bool:
+    return args.debug or os.environ.get("SEVJAX_DEBUG", "") not in ("", "0")
+
+
 def _run(action: Callable[[], Any], debug: bool) -> int:
-    """Runs ``action``; a user error becomes one ``error:`` line and status 1."""
+    """Runs ``action``: the one error path of both command lines; returns the exit status."""
     try:
         action()
+    except _ConfigError as e:
+        if debug:
+            raise e.__cause__ or e from None
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except _user_errors() as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 
 def _config(schema: type, args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
+    """Multi-process start-up, then the validated config (:class:`_ConfigError` if it fails)."""
     from sevjax.config import load
+    from sevjax.distributed import initialize
 
-    return load(schema, args.config, [*args.overrides, *extra])
+    initialize()
+    try:
+        return load(schema, args.config, [*args.overrides, *extra])
+    except (ValueError, OSError) as e:
+        raise _ConfigError(str(e)) from e
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -87,10 +124,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser("train.py", TRAIN_USAGE, ("train", "evaluate", "compare"), "train")
     parser.add_argument("--run", default=None, help="evaluate: a train run dir, HF dir or Hub id")
     args = parser.parse_args(argv)
-    debug = args.debug or bool(os.environ.get("SEVJAX_DEBUG"))
-    from sevjax.distributed import initialize
-
-    initialize()
+    if args.run is not None and args.command != "evaluate":
+        parser.error("--run is for the evaluate command")
     from sevjax import schema
 
     kind = {"train": schema.TrainConfig, "evaluate": schema.EvalConfig}
@@ -98,19 +133,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print_config(kind[args.command])
         return 0
-    if args.run is not None and args.command != "evaluate":
-        parser.error("--run is for the evaluate command")
-    try:
-        cfg = _config(kind[args.command], args, [f"run={args.run}"] if args.run else [])
-    except (ValueError, OSError) as e:
-        if debug:
-            raise
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from sevjax import compare, pipeline
 
-    action = {"train": pipeline.train, "evaluate": pipeline.evaluate, "compare": compare.run}
-    return _run(lambda: action[args.command](cfg), debug)
+    def action() -> Any:
+        cfg = _config(kind[args.command], args, [f"run={args.run}"] if args.run else [])
+        from sevjax import compare, pipeline
+
+        run = {"train": pipeline.train, "evaluate": pipeline.evaluate, "compare": compare.run}
+        return run[args.command](cfg)
+
+    return _run(action, _debug(args))
 
 
 def classify_main(argv: Sequence[str] | None = None) -> int:
@@ -121,24 +152,22 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
+        print(
+            "classify.py: error: a command is required: train, evaluate or annotate",
+            file=sys.stderr,
+        )
         return 2
-    debug = args.debug or bool(os.environ.get("SEVJAX_DEBUG"))
-    from sevjax.distributed import initialize
-
-    initialize()
     from sevjax.schema import ClassifyConfig
 
     if args.print_config:
         print_config(ClassifyConfig)
         return 0
-    try:
-        cfg = _config(ClassifyConfig, args, ["overwrite=true"] if args.overwrite else [])
-    except (ValueError, OSError) as e:
-        if debug:
-            raise
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from sevjax import classify
 
-    action = {"train": classify.run, "evaluate": classify.evaluate, "annotate": classify.annotate}
-    return _run(lambda: action[args.command](cfg), debug)
+    def action() -> Any:
+        cfg = _config(ClassifyConfig, args, ["overwrite=true"] if args.overwrite else [])
+        from sevjax import annotate, classify
+
+        run = {"train": classify.run, "evaluate": annotate.evaluate, "annotate": annotate.annotate}
+        return run[args.command](cfg)
+
+    return _run(action, _debug(args))

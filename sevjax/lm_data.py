@@ -442,10 +442,8 @@ def load_tokenizer(cfg: TrainConfig, run_dir: Path, train_examples: list[dict[st
 def check_batch_sizes(cfg: TrainConfig, rows: int) -> None:
     """Raises ``ValueError`` unless the train and eval batch sizes divide over ``rows`` devices
     (``data x fsdp`` of the mesh): checked before anything is tokenized or written."""
-    for key, size in (
-        ("data.batch_size", cfg.data.batch_size),
-        ("eval.batch_size", cfg.eval.batch_size),
-    ):
+    sizes = {"data.batch_size": cfg.data.batch_size, "eval.batch_size": cfg.eval.batch_size}
+    for key, size in sizes.items():
         if size % rows:
             raise ValueError(f"{key}={size} must divide over data x fsdp = {rows} devices")
 

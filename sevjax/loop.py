@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from sevjax.checkpoint import Checkpointer
 from sevjax.logs import RunLog
-from sevjax.rundir import changed_keys
+from sevjax.rundir import changed_keys, write_config
 from sevjax.schema import CheckpointSection, LogSection, OptimSection
 from sevjax.trainer import (
     ModelSource,
@@ -98,7 +98,8 @@ def fit(
     """Trains ``task`` (or resumes it from ``<run_dir>/checkpoints``); see the module docstring.
 
     Writes ``<run_dir>/checkpoints/`` (and ``best/`` with ``loop.keep_best``) and, on process 0,
-    ``metrics.jsonl`` and ``tb/``.
+    ``config.json`` (``config``; only once the checkpoints in ``run_dir`` are known to fit, so a
+    refused rerun leaves the previous one as it was), ``metrics.jsonl`` and ``tb/``.
 
     Raises:
         NonFiniteStep: a step's loss or gradient was NaN/inf (its update was not applied; the
@@ -118,7 +119,8 @@ def fit(
     )
     try:
         with jax.set_mesh(mesh):
-            if c.resume and (found := ckpt.restore_latest(s.checkpoint_target())) is not None:
+            found = ckpt.restore_latest(s.checkpoint_target(), config) if c.resume else None
+            if found is not None:
                 start, state, meta = found
                 rng = state.pop("rng")
                 fixed = restored_fixed(source, s, trainable=trainable)
@@ -132,6 +134,8 @@ def fit(
                     )
                 start, meta, rng = 0, {"epoch": 0, "index": 0}, s.rng(seed)
                 state, fixed = initial_state(source, s, trainable=trainable)
+            if jax.process_index() == 0:  # the inputs loaded and the checkpoints fit: commit
+                write_config(run_dir, config)
             runner = _Runner(task, s, loop, run_dir, ckpt, best, config, state, fixed, rng)
             return runner.run(start, meta)
     finally:
@@ -141,7 +145,7 @@ def fit(
 
 
 def _note_config_change(ckpt: Checkpointer, step: int, config: dict[str, Any]) -> None:
-    changed = changed_keys(ckpt.restore_config(step), config)
+    changed = changed_keys(ckpt.restore_config(step), config, ignore=("run_dir",))
     if changed:
         print(f"[checkpoint] note: config differs from the checkpoint's in {', '.join(changed)}")
 

@@ -223,13 +223,7 @@ def finetune(
     Writes ``<run_dir>/checkpoints/`` (and ``best/``), ``metrics.jsonl``, ``tb/`` and the
     loss-curve PNG.
     """
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    for key, size in (
-        ("data.batch_size", cfg.data.batch_size),
-        ("eval.batch_size", cfg.eval.batch_size),
-    ):
-        if size % rows:
-            raise ValueError(f"{key}={size} must divide over data x fsdp = {rows} devices")
+    lm_data.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
     limit = max_positions(config)
     if limit and max(cfg.data.buckets) > limit:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Orbax wrapper: round trip, iterator position, keep-last-K, restore onto another mesh, no pickle."""
+"""Orbax wrapper: round trip, iterator position, keep-last-K, restore onto another mesh, no pickle;
+restore_latest falls back past damaged or non-finite steps and refuses another configuration."""
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +106,86 @@ def test_partial_checkpoint_is_ignored(saved, tmp_path):
     ckpt = Checkpointer(directory, every=1, keep=2)
     assert ckpt.latest_step() == 3
     ckpt.close()
+
+
+def _damage(directory, step):
+    """Truncates the largest array file of ``step`` (what a full disk or a bad copy leaves)."""
+    import os
+
+    data = directory / str(step) / "state" / "ocdbt.process_0" / "d"
+    os.truncate(max(data.iterdir(), key=lambda p: p.stat().st_size), 100)
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(saved[0], directory)
+    return directory
+
+
+def test_restore_latest_falls_back_past_nan_and_damaged_steps(saved, tmp_path, capsys):
+    directory = _copy(saved, tmp_path)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    ckpt = Checkpointer(directory, every=1, keep=3, async_save=False)
+    bad = jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+                       _state(mesh, 4))  # fmt: skip
+    ckpt.save(4, bad, {"epoch": 4, "index": 40}, {"steps": 4})
+    ckpt.wait()
+    _damage(directory, 3)
+    step, state, meta = ckpt.restore_latest(_state(mesh, 0), {"steps": 2})
+    ckpt.close()
+    assert (step, meta) == (2, {"epoch": 2, "index": 20})
+    for r, o in zip(jax.tree.leaves(state), jax.tree.leaves(_state(mesh, 2))):
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(o))
+    out = capsys.readouterr().out
+    assert f"step 4 in {directory} is damaged (its state holds NaN or inf values)" in out
+    assert f"step 3 in {directory} is damaged (" in out and f"{directory / '3' / 'state'}" in out
+    damaged = directory.with_name("checkpoints-damaged")
+    assert sorted(p.name.split("-")[0] for p in damaged.iterdir()) == ["3", "4"]  # kept, moved
+    assert sorted(p.name for p in directory.iterdir()) == ["2"]
+
+
+def test_restore_latest_unreadable_metadata_is_damage(saved, tmp_path, capsys):
+    directory = _copy(saved, tmp_path)
+    (directory / "3" / "state" / "_METADATA").write_text("garbage")
+    ckpt = Checkpointer(directory, every=1, keep=2)
+    step, _, _ = ckpt.restore_latest(_state(make_mesh(data=8), 0))
+    ckpt.close()
+    out = capsys.readouterr().out
+    assert step == 2 and f"step 3 in {directory} is damaged (unreadable metadata: " in out
+
+
+def test_restore_latest_refuses_another_configuration(saved, tmp_path):
+    from sevjax.checkpoint import CheckpointError, abstract
+
+    directory = _copy(saved, tmp_path)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    target = abstract(_state(make_mesh(data=8), 0))
+    emb = target["params"]["wte"]["embedding"]
+    target["params"]["wte"]["embedding"] = jax.ShapeDtypeStruct((64, 16), emb.dtype)
+    ckpt = Checkpointer(directory, every=1, keep=2)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore_latest(target, {"steps": 5, "run_dir": "elsewhere"})
+    ckpt.close()
+    message = str(e.value)
+    assert f"{directory} holds checkpoints of another configuration (step 3)" in message
+    assert "config keys that differ: steps (saved 3, now 5)" in message  # run_dir is ignored
+    assert "params/wte/embedding: saved (64, 32), now (64, 16)" in message
+    assert "\n" not in message and "nothing was changed" in message
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_restore_latest_all_damaged_and_empty(saved, tmp_path):
+    from sevjax.checkpoint import CheckpointError
+
+    directory = _copy(saved, tmp_path)
+    for step in (2, 3):
+        _damage(directory, step)
+    target = _state(make_mesh(data=8), 0)
+    ckpt = Checkpointer(directory, every=1, keep=2)
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*step 3: .*; step 2: "):
+        ckpt.restore_latest(target)
+    assert ckpt.all_steps() == [] and ckpt.restore_latest(target) is None  # a rerun starts over
+    ckpt.close()
+    assert len(list(directory.with_name("checkpoints-damaged").iterdir())) == 2
