@@ -9,7 +9,7 @@ trains a model as a side effect:
    its fold models, and ``<run_dir>/annotated.jsonl`` gets out-of-fold probabilities for the
    training examples (:mod:`sevjax.annotate`). Any other data must be annotated by
    the user first (``classify.py annotate``), and the error says so.
-2. **tokenize** (:func:`sevjax.lm_data.prepare`): the tokenizer (pretrained, or a BPE trained and
+2. **tokenize** (:func:`sevjax.prepare.prepare`): the tokenizer (pretrained, or a BPE trained and
    written to ``<run_dir>/tokenizer``) and the encoded train / validation sets.
 3. **fine-tune** (:func:`sevjax.lm.finetune`): :func:`sevjax.loop.fit` on the LM task;
    ``<run_dir>/checkpoints``, ``metrics.jsonl``, ``tb/``, ``loss_curve.png``.
@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 
-from sevjax import annotate, classify, lm_data
+from sevjax import annotate, classify, prepare
 from sevjax import train as lm
 from sevjax.data import load_examples
 from sevjax.rundir import RunDir
@@ -68,7 +68,7 @@ def annotate_embedded(run_dir: Path, cfg: ClassifyConfig | None = None) -> Path:
 
 def _with_annotations(cfg: TrainConfig, examples: list[dict]) -> tuple[TrainConfig, list[dict]]:
     """Stage 1 when needed: the config and examples the fine-tune stage should use."""
-    if cfg.loss.mode != "severity" or lm_data.has_probabilities(examples):
+    if cfg.loss.mode != "severity" or prepare.has_probabilities(examples):
         return cfg, examples
     if cfg.data.path is not None:  # the user's data: lm_data says how to annotate it
         return cfg, examples
@@ -92,9 +92,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         examples = load_examples(cfg.data.path, columns=cfg.data.columns)
         config = lm.model_config(cfg, None) if cfg.model.name_or_path else None
         mesh = make_mesh(cfg.mesh)
-        lm_data.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
+        prepare.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
         cfg, examples = _with_annotations(cfg, examples)  # 1. annotate
-        tokenizer, data = lm_data.prepare(cfg, run_dir.path, examples)  # 2. tokenize
+        tokenizer, data = prepare.prepare(cfg, run_dir.path, examples)  # 2. tokenize
         config = config or lm.model_config(cfg, tokenizer)
         result = lm.finetune(cfg, config, data, mesh)  # 3. fine-tune (writes config.json)
         outputs = {

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sevjax import hf, lm_data, models
+from sevjax import hf, lm_data, models, prepare
 from sevjax import loss as L
 from sevjax.config import to_dict
 from sevjax.logs import plot_curves
@@ -93,7 +93,7 @@ class LMTask:
 
     Args:
         cfg: the run config (loss, data and eval sections are read here, before tracing).
-        data: ``{"train", "validation"}`` encoded examples (:func:`sevjax.lm_data.prepare`), or
+        data: ``{"train", "validation"}`` encoded examples (:func:`sevjax.prepare.prepare`), or
             None for the traced functions alone (benchmarks, ahead-of-time compilation).
         chunked: use the chunked loss (no ``[B, T, V]`` logits) instead of full logits.
     """
@@ -223,7 +223,7 @@ def finetune(
     Writes ``<run_dir>/checkpoints/`` (and ``best/``), ``metrics.jsonl``, ``tb/`` and the
     loss-curve PNG.
     """
-    lm_data.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
+    prepare.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
     limit = max_positions(config)
     if limit and max(cfg.data.buckets) > limit:
         raise ValueError(

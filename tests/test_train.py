@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from sevjax import data as data_lib
-from sevjax import lm_data, loop, optim, pipeline, train, trainer
+from sevjax import lm_data, loop, optim, pipeline, prepare, train, trainer
 from sevjax.checkpoint import Checkpointer
 from sevjax.config import load
 from sevjax.schema import TrainConfig
@@ -150,7 +150,7 @@ def small_model(fixture_data, tmp_path_factory):
     """(cfg, data, graph, params, fixed, one [1, 8, T] batch) of the tiny test model."""
     run_dir = tmp_path_factory.mktemp("accum")
     cfg = _cfg(fixture_data, run_dir)
-    tok, data = lm_data.prepare(cfg, run_dir, data_lib.load_examples(cfg.data.path))
+    tok, data = prepare.prepare(cfg, run_dir, data_lib.load_examples(cfg.data.path))
     source = train.model_source(cfg, train.model_config(cfg, tok), None)
     graph, params, fixed = trainer.split(source.factory(), nnx.Param)
     batcher = lm_data.Batcher(
