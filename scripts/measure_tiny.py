@@ -70,7 +70,9 @@ def measure(out: Path) -> dict:
     train_cfg = load(TrainConfig, ROOT / "configs" / "tiny.yaml", [f"run_dir={out / 'tiny'}"])
     summary = pipeline.train(train_cfg)
     train_s = time.time() - t0
-    classifier = dataclasses.replace(ClassifyConfig(), run_dir=str(out / "tiny" / "severity_classifier"))
+    classifier = dataclasses.replace(
+        ClassifyConfig(), run_dir=str(out / "tiny" / "severity_classifier")
+    )
     report = annotate.evaluate(classifier)
     best = json.loads((Path(classifier.run_dir) / "train_summary.json").read_text())
     t1 = time.time()
@@ -151,7 +153,8 @@ def data_block(m: dict) -> str:
         f"Measured by `python scripts/measure_tiny.py` on {m['machine']}; best epoch "
         f"{cs['best_epoch']} of {cs['epochs_run']}, validation macro-F1 {cs['val_macro_f1']:.3f}"
         f" ({cs['val_labels']} labels). From `eval.md` (the train rows: calibrated probabilities "
-        "of the training split, from the full model and out of fold):\n\n" + path.read_text().strip()
+        "of the training split, from the full model and out of fold):\n\n"
+        + path.read_text().strip()
     )
 
 

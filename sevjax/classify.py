@@ -48,7 +48,7 @@ from sevjax.loop import Loop, fit
 from sevjax.rundir import RunDir
 from sevjax.schema import ClassifyConfig, LogSection
 from sevjax.tokenizer import train_wordpiece
-from sevjax.trainer import ModelSource, Position, make_mesh
+from sevjax.trainer import ModelSource, Position, make_mesh, model_options
 
 
 def encode(
@@ -89,7 +89,7 @@ def gold_labels(examples: list[dict]) -> np.ndarray | None:
 
 def classifier_source(cfg: ClassifyConfig, tokenizer: Any, mesh: Any) -> tuple[ModelSource, Any]:
     """``(source, BertConfig)``: a checkpoint's encoder with a new 3-class head, or a tiny BERT."""
-    m = cfg.model
+    m, options = cfg.model, model_options(cfg.model)
     if m.name_or_path is not None:
         config = hf.read_config(m.name_or_path)
         if config.num_labels != len(L.SEVERITIES):
@@ -99,7 +99,7 @@ def classifier_source(cfg: ClassifyConfig, tokenizer: Any, mesh: Any) -> tuple[M
             )
 
         def load() -> nnx.Module:
-            return hf.load_pretrained(m.name_or_path, mesh=mesh, seed=cfg.seed)[0]
+            return hf.load_pretrained(m.name_or_path, mesh=mesh, seed=cfg.seed, options=options)[0]
 
     else:
         d = dict(hidden_size=m.width, num_hidden_layers=m.layers, num_attention_heads=m.heads)
@@ -111,7 +111,7 @@ def classifier_source(cfg: ClassifyConfig, tokenizer: Any, mesh: Any) -> tuple[M
     cls = models.model_class(config)
 
     def factory() -> nnx.Module:
-        return cls(config, rngs=nnx.Rngs(cfg.seed))
+        return cls(config, options=options, rngs=nnx.Rngs(cfg.seed))
 
     return ModelSource(factory, load), config
 
@@ -147,7 +147,7 @@ class ClassifierTask:
         self.seed = seed
 
     def loss_sums(self, model, batch, rng):
-        nnx.reseed(model, dropout=rng)
+        nnx.reseed(model, dropout=rng, policy="match_shape")  # stacked keys when scanned
         logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
         nll = L.token_nll(logits[:, None, :], batch["labels"][:, None])[:, 0]  # (B,)
         w = jnp.asarray(self.class_weights, jnp.float32)[batch["labels"]] * batch["valid"]  # (B,)

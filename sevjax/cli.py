@@ -27,6 +27,7 @@ TRAIN_USAGE = """\
 python train.py [--config YAML] [--set KEY=VALUE ...]   fine-tune (annotate -> tokenize -> train -> export)
 python train.py evaluate --run DIR [--set KEY=VALUE ...]  generate for a split and score it
 python train.py compare --config YAML [--set ...]         the paper's table: none / CE / severity rows
+python train.py plan [--topology v5e:2x4] [--json OUT] [--set ...]   will it fit? (AOT compile)
 python train.py COMMAND --print-config                    every config key, its default and meaning
 Rerunning a command resumes from the newest checkpoint in its run_dir. Errors print one line;
 add --debug (or SEVJAX_DEBUG=1) for the traceback."""
@@ -119,27 +120,36 @@ def _config(schema: type, args: argparse.Namespace, extra: Sequence[str] = ()) -
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``train.py [evaluate|compare] [--config YAML] [--set KEY=VALUE ...]``; the exit status."""
+    """``train.py [evaluate|compare|plan] [--config YAML] [--set KEY=VALUE ...]``; the status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser("train.py", TRAIN_USAGE, ("train", "evaluate", "compare"), "train")
+    commands = ("train", "evaluate", "compare", "plan")
+    parser = _parser("train.py", TRAIN_USAGE, commands, "train")
     parser.add_argument("--run", default=None, help="evaluate: a train run dir, HF dir or Hub id")
+    parser.add_argument("--topology", default=None, help="plan: a TPU topology, e.g. v5e:2x4")
+    parser.add_argument("--json", default=None, help="plan: write the report here")
+    parser.add_argument("--hbm-gib", type=float, default=None, help="plan: device memory (GiB)")
     args = parser.parse_args(argv)
     if args.run is not None and args.command != "evaluate":
         parser.error("--run is for the evaluate command")
+    if args.command != "plan" and (args.topology or args.json or args.hbm_gib):
+        parser.error("--topology, --json and --hbm-gib are for the plan command")
     from sevjax import schema
 
     kind = {"train": schema.TrainConfig, "evaluate": schema.EvalConfig}
-    kind["compare"] = schema.CompareConfig
+    kind.update(compare=schema.CompareConfig, plan=schema.TrainConfig)
     if args.print_config:
         print_config(kind[args.command])
         return 0
 
     def action() -> Any:
         cfg = _config(kind[args.command], args, [f"run={args.run}"] if args.run else [])
-        from sevjax import compare, pipeline
+        from sevjax import compare, pipeline, plan
+
+        def planned(c):
+            return plan.run(c, topology=args.topology, json_out=args.json, hbm_gib=args.hbm_gib)
 
         run = {"train": pipeline.train, "evaluate": pipeline.evaluate, "compare": compare.run}
-        return run[args.command](cfg)
+        return {**run, "plan": planned}[args.command](cfg)
 
     return _run(action, _debug(args))
 

@@ -1,8 +1,9 @@
 """Cached autoregressive generation for the decoder LMs (GPT-2, Llama family).
 
 The prompt (left-padded, [B, P]) is run once through the model, filling a preallocated KV cache
-of [B, P + max_new_tokens, K, H] per layer; then a jitted ``lax.while_loop`` decodes one token per
-step with static shapes. Cache slot ``s`` holds the token at column ``s`` of
+of [B, P + max_new_tokens, K, H] per layer (one stacked [L, B, P + max_new_tokens, K, H] pair for
+a scanned model, see :meth:`sevjax.models.decoder.CausalLM.init_cache`); then a jitted
+``lax.while_loop`` decodes one token per step with static shapes. Logits are float32. Cache slot ``s`` holds the token at column ``s`` of
 ``concat(prompt, new_tokens)``, and ``key_valid`` marks the non-pad slots, so every cached step
 sees exactly the mask and positions of the full forward on that concatenation. Compiles once per
 (batch, prompt length, max_new_tokens, sampling settings).
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models import layers
+from sevjax.models import decoder
 
 
 def sample_logits(
@@ -71,11 +72,11 @@ def _generate(
     total = p + max_new_tokens
     w, transpose = model.head()
     key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(attention_mask)
-    positions = layers.default_positions(attention_mask)
+    positions = decoder.default_positions(attention_mask)
     h, cache = model.cached_hidden(
         input_ids, positions, key_valid, model.init_cache(b, total), jnp.int32(0)
     )
-    logits = layers.project_logits(h[:, -1], w, transpose)  # (B, V)
+    logits = decoder.project_logits(h[:, -1], w, transpose)  # (B, V)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32)
     carry = (jnp.int32(0), out, logits, cache, key_valid, positions[:, -1], jnp.zeros(b, bool), rng)
@@ -94,7 +95,7 @@ def _generate(
         pos = pos + 1
         key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((b, 1), jnp.int32), (0, p + i))
         h, cache = model.cached_hidden(tok[:, None], pos[:, None], key_valid, cache, p + i)
-        logits = layers.project_logits(h[:, 0], w, transpose)  # (B, V)
+        logits = decoder.project_logits(h[:, 0], w, transpose)  # (B, V)
         return i + 1, out, logits, cache, key_valid, pos, done, rng
 
     return jax.lax.while_loop(cond, body, carry)[1]

@@ -38,6 +38,12 @@ class ModelSection(Section):
     vocab_size: int = 1024  # random init: also the BPE tokenizer's size
     max_positions: int = 512
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute; params stay float32
+    scan_layers: bool | None = None  # one scanned stack of layers; None = on for a checkpoint
+    remat: Literal["none", "full", "dots"] = (
+        "none"  # recompute per layer: nothing, all, non-matmuls
+    )
+    attention: Literal["auto", "xla", "cudnn", "splash", "reference"] = "auto"  # kernel
+    grad_barrier: bool = True  # XLA:CPU only: a gradient barrier between unrolled layers (faster)
 
     def validate(self) -> None:
         for name in ("layers", "width", "heads", "vocab_size", "max_positions"):
@@ -220,6 +226,11 @@ class ClassifierModelSection(Section):
     vocab_size: int = 3000  # the WordPiece tokenizer trained on the corpus
     max_length: int = 128  # tokens, [CLS] and [SEP] included
     dropout: float = 0.1
+    scan_layers: bool | None = None  # one scanned stack of layers; None = on for a checkpoint
+    remat: Literal["none", "full", "dots"] = (
+        "none"  # recompute per layer: nothing, all, non-matmuls
+    )
+    attention: Literal["auto", "xla", "cudnn", "splash", "reference"] = "auto"  # kernel
 
     def validate(self) -> None:
         for name in ("layers", "width", "heads", "mlp", "vocab_size", "max_length"):

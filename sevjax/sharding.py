@@ -4,7 +4,9 @@ Every parameter is created with ``sevjax.sharding.param(value, axes)``, which re
 axis names (``embed``, ``heads``, ...) as NNX variable metadata under ``axes``. The mesh has at most
 three axes, ``data``, ``fsdp`` and ``tensor``; :data:`RULES` says which mesh axes each logical
 name may use. A mesh axis is used at most once per array (MaxText's convention), and a dimension
-that the mesh axes do not divide is left replicated rather than failing.
+that the mesh axes do not divide is left replicated rather than failing; that case is logged
+once (a warning naming the parameter path or logical axis, the dimension and the mesh axis).
+Scanned models carry a leading ``layers`` axis, which is never sharded.
 
 Typical use::
 
@@ -14,6 +16,7 @@ Typical use::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +43,8 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 LOGICAL_AXES = tuple(name for name, _ in RULES)
 _RULES = dict(RULES)
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, int, str, int]] = set()
 
 
 def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
@@ -92,29 +97,50 @@ def make_mesh(
 
 
 def logical_to_spec(
-    axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None
+    axes: Sequence[str | None],
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+    *,
+    name: str | None = None,
 ) -> PartitionSpec:
     """Maps logical axis names to a ``PartitionSpec`` on ``mesh`` following :data:`RULES`.
 
     Mesh axes of size 1 are dropped, a mesh axis is used at most once, and with ``shape`` a mesh
-    axis that does not divide its dimension is skipped (that dimension stays replicated).
+    axis that does not divide its dimension is skipped (that dimension stays replicated, and a
+    warning naming ``name`` (or the logical axis), the dimension and the mesh axis is logged
+    once per distinct case).
     """
     used: set[str] = set()
     spec = []
-    for i, name in enumerate(axes):
+    for i, logical in enumerate(axes):
         chosen = []
         size = 1
-        for mesh_axis in _RULES.get(name, ()) if name is not None else ():
+        for mesh_axis in _RULES.get(logical, ()) if logical is not None else ():
             n = mesh.shape.get(mesh_axis, 1)
             if n == 1 or mesh_axis in used:
                 continue
             if shape is not None and shape[i] % (size * n):
+                _warn_replicated(name or f"logical axis {logical!r}", shape[i], mesh_axis, n)
                 continue
             chosen.append(mesh_axis)
             size *= n
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*spec)
+
+
+def _warn_replicated(what: str, dim: int, mesh_axis: str, size: int) -> None:
+    key = (what, dim, mesh_axis, size)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    log.warning(
+        "%s: dimension %d is not divisible by mesh axis %r (size %d); left replicated",
+        what,
+        dim,
+        mesh_axis,
+        size,
+    )
 
 
 def _axes_of(variable: Any) -> tuple[str | None, ...] | None:
@@ -127,15 +153,16 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     Variables without ``axes`` metadata (RNG keys, counters) are replicated.
     """
 
-    def one(x: Any) -> Any:
+    def one(path: Any, x: Any) -> Any:
         axes = _axes_of(x)
         value = x.get_value() if isinstance(x, nnx.Variable) else x
         shape = getattr(value, "shape", ())
-        spec = logical_to_spec(axes, mesh, shape) if axes else PartitionSpec()
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        spec = logical_to_spec(axes, mesh, shape, name=name) if axes else PartitionSpec()
         sharding = NamedSharding(mesh, spec)
         return x.replace(sharding) if isinstance(x, nnx.Variable) else sharding
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Module:

@@ -26,27 +26,27 @@ from sevjax.config import to_dict
 from sevjax.logs import plot_curves
 from sevjax.loop import Fit, Loop, fit
 from sevjax.schema import TrainConfig
-from sevjax.trainer import ModelSource, Position
+from sevjax.trainer import ModelSource, Position, model_options
 
 
 def _dtype(name: str) -> Any:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
-    """The model's config: the checkpoint's own ``config.json``, or the random-init sizes."""
+def model_config(cfg: TrainConfig, tokenizer: Any = None) -> Any:
+    """The model's config: the checkpoint's own ``config.json``, or the random-init sizes.
+
+    ``tokenizer`` (random init) gives the special token ids and is checked against
+    ``model.vocab_size``; without one (``train.py plan``) only the sizes matter.
+    """
     m = cfg.model
     if m.name_or_path is not None:
         return hf.read_config(m.name_or_path)
-    if len(tokenizer) > m.vocab_size:
+    if tokenizer is not None and len(tokenizer) > m.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens > model.vocab_size={m.vocab_size}"
         )
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if m.model_type == "gpt2":
         sizes = dict(n_layer=m.layers, n_embd=m.width, n_head=m.heads, n_positions=m.max_positions)
     else:
@@ -67,17 +67,19 @@ def model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
 def model_source(cfg: TrainConfig, config: Any, mesh: jax.sharding.Mesh | None) -> ModelSource:
     """How to make the LM: random init from ``cfg.seed``, or the pretrained weights on ``mesh``."""
     dtype = _dtype(cfg.model.dtype)
+    options = model_options(cfg.model)
     cls = models.model_class(config)
 
     def factory() -> nnx.Module:
-        return cls(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, options=options)
+        return cls(config, **kw, rngs=nnx.Rngs(cfg.seed))
 
     load = None
     if cfg.model.name_or_path is not None:
         path = cfg.model.name_or_path
 
         def load() -> nnx.Module:
-            return hf.load_pretrained(path, dtype=dtype, mesh=mesh)[0]
+            return hf.load_pretrained(path, dtype=dtype, mesh=mesh, options=options)[0]
 
     return ModelSource(factory, load)
 
@@ -215,6 +217,21 @@ def _per_severity(sums: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def check_inputs(cfg: TrainConfig, config: Any, mesh: jax.sharding.Mesh) -> None:
+    """The checks of a run against its model and mesh, before anything is built.
+
+    Raises:
+        ValueError: a batch size that does not divide over ``data x fsdp``, or buckets longer
+            than the model's positions.
+    """
+    prepare.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
+    limit = max_positions(config)
+    if limit and max(cfg.data.buckets) > limit:
+        raise ValueError(
+            f"max(data.buckets)={max(cfg.data.buckets)} exceeds the model's {limit} positions"
+        )
+
+
 def finetune(
     cfg: TrainConfig, config: Any, data: dict[str, lm_data.Encoded], mesh: jax.sharding.Mesh
 ) -> Fit:
@@ -223,12 +240,7 @@ def finetune(
     Writes ``<run_dir>/checkpoints/`` (and ``best/``), ``metrics.jsonl``, ``tb/`` and the
     loss-curve PNG.
     """
-    prepare.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
-    limit = max_positions(config)
-    if limit and max(cfg.data.buckets) > limit:
-        raise ValueError(
-            f"max(data.buckets)={max(cfg.data.buckets)} exceeds the model's {limit} positions"
-        )
+    check_inputs(cfg, config, mesh)
     task = LMTask(cfg, data, chunked=config.vocab_size > cfg.loss.chunked_vocab_threshold)
     c = cfg.checkpoint
     loop = Loop(

@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sevjax import optim, sharding
+from sevjax import models, optim, sharding
 from sevjax.schema import MeshSection, OptimSection
 
 Batch = dict[str, np.ndarray]
@@ -103,6 +103,21 @@ class ModelSource:
 
 
 # ------------------------------------------------------------------------------ model and state
+
+
+def model_options(section: Any) -> models.ModelOptions:
+    """The :class:`sevjax.models.ModelOptions` of a model config section.
+
+    ``scan_layers=None`` scans the layers of a pretrained checkpoint (deep, compile time matters)
+    and keeps a random-init toy model unrolled.
+    """
+    scan = section.scan_layers
+    return models.ModelOptions(
+        scan_layers=section.name_or_path is not None if scan is None else scan,
+        remat=section.remat,
+        attention=section.attention,
+        grad_barrier=getattr(section, "grad_barrier", False),
+    )
 
 
 def make_mesh(section: MeshSection) -> Mesh:

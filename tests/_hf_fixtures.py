@@ -12,6 +12,8 @@ import pytest
 import torch
 from flax import nnx
 
+from sevjax.models.hf_table import locate, to_ours
+
 VOCAB = 128
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -116,6 +118,12 @@ def reduced(hf_config_path: Path, **sizes) -> dict:
     return d
 
 
+@nnx.jit
+def forward(m, ids, mask=None, position_ids=None, segment_ids=None):
+    """``m(...)`` jitted: one compile per shape (eager calls of a scanned model recompile)."""
+    return m(ids, mask, position_ids, segment_ids=segment_ids)
+
+
 def masked_lm_loss_jax(m, ids, mask):
     logits = m(ids, mask)[:, :-1].astype(jnp.float32)
     weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
@@ -135,22 +143,35 @@ def masked_lm_loss_torch(tm, ids, mask):
     return (nll * weights).sum() / weights.sum()
 
 
+def flat_params(tree) -> dict[str, np.ndarray]:
+    """Dot-joined path -> value of every variable in an nnx state / module's params."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
+
+
+def per_layer(table, flat):
+    """(row, our per-layer value) for every table row, unstacking scanned parameters."""
+    out = []
+    for row in table:
+        path, layer = locate(row.path, flat)
+        out.append((row, flat[path] if layer is None else flat[path][layer]))
+    return out
+
+
 def check_gradients(module, tm, m, config):
     """Gradient of the masked LM loss w.r.t. every parameter matches torch (1e-4 relative)."""
     ids, mask, _ = left_padded_batch()
-    grads = nnx.grad(masked_lm_loss_jax)(m, jnp.asarray(ids), jnp.asarray(mask))
-    flat = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(grads)}
+    grads = nnx.jit(nnx.grad(masked_lm_loss_jax))(m, jnp.asarray(ids), jnp.asarray(mask))
+    flat = flat_params(grads)
     tm.zero_grad()
     masked_lm_loss_torch(tm, ids, mask).backward()
     ref = dict(tm.named_parameters())
     table = module.hf_param_table(config)
-    assert {ours for _, ours, _ in table} == set(flat)
-    for hf_key, ours, transpose in table:
-        g_ref = ref[hf_key].grad.numpy()
-        g = np.asarray(flat[ours])
-        g = g.T if transpose else g
+    assert {locate(row.path, flat)[0] for row in table} == set(flat)
+    for row, g in per_layer(table, flat):
+        g_ref = to_ours(row, ref[row.hf_key].grad.numpy(), g.shape)
         rel = np.abs(g - g_ref).max() / np.abs(g_ref).max()
-        assert rel <= 1e-4, (hf_key, rel)
+        assert rel <= 1e-4, (row.hf_key, rel)
 
 
 def check_packing(m):
@@ -160,9 +181,9 @@ def check_packing(m):
     ids = np.concatenate([a, b, [0, 0]])[None]
     seg = np.array([[1] * 5 + [2] * 7 + [0, 0]])
     pos = np.concatenate([np.arange(5), np.arange(7), [0, 0]])[None]
-    packed = np.asarray(m(jnp.asarray(ids), position_ids=jnp.asarray(pos), segment_ids=seg))
-    alone_a = np.asarray(m(jnp.asarray(a[None])))
-    alone_b = np.asarray(m(jnp.asarray(b[None])))
+    packed = np.asarray(forward(m, jnp.asarray(ids), None, jnp.asarray(pos), jnp.asarray(seg)))
+    alone_a = np.asarray(forward(m, jnp.asarray(a[None])))
+    alone_b = np.asarray(forward(m, jnp.asarray(b[None])))
     assert np.abs(packed[0, :5] - alone_a[0]).max() <= 1e-5
     assert np.abs(packed[0, 5:12] - alone_b[0]).max() <= 1e-5
     with pytest.raises(ValueError, match="position_ids"):

@@ -1,4 +1,5 @@
-"""BERT classifier: parity with transformers' PyTorch BERT on tiny random checkpoints."""
+"""BERT classifier: parity with transformers' PyTorch BERT on tiny random checkpoints, unrolled and
+scanned."""
 
 import dataclasses
 import re
@@ -12,8 +13,11 @@ import transformers
 from flax import nnx
 
 from sevjax import hf
-from sevjax.models import bert, build, load_pretrained
+from sevjax.models import ModelOptions, bert, build
+from sevjax.models.hf_table import locate, to_ours
 from sevjax.sharding import make_mesh
+
+LAYOUTS = {"unrolled": ModelOptions(), "scanned": ModelOptions(scan_layers=True)}
 
 # The published bert-base-arabertv02 config.json, reduced in size (fewer layers, narrower,
 # smaller vocabulary); every option it sets is kept.
@@ -96,11 +100,13 @@ def forward():
     return fwd
 
 
-@pytest.fixture(scope="module")
-def ours(cls_ckpt):
-    model, cfg = load_pretrained(str(cls_ckpt[1]))
-    model.eval()
-    return model, cfg
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def ours(request, cls_ckpt):
+    return hf.load_pretrained(str(cls_ckpt[1]), options=LAYOUTS[request.param])
+
+
+def _flat(tree):
+    return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(tree)}
 
 
 def _torch_out(tm, batch):
@@ -147,14 +153,17 @@ def test_config_from_arabert_fields():
 
 def test_param_table_covers_model(ours, cls_ckpt):
     model, cfg = ours
-    paths = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = _flat(nnx.state(model, nnx.Param))
     table = bert.hf_param_table(cfg)
-    assert {o for _, o, _ in table} == paths and len(table) == len(paths)
-    assert {h for h, _, _ in table} == set(cls_ckpt[0].state_dict()) - {
+    located = [locate(row.path, flat) for row in table]
+    assert {path for path, _ in located} == set(flat) and len(set(located)) == len(table)
+    assert {row.hf_key for row in table} == set(cls_ckpt[0].state_dict()) - {
         k for k in cls_ckpt[0].state_dict() if any(re.fullmatch(r, k) for r in bert.HF_IGNORE)
     }
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        assert len(var.get_metadata()["axes"]) == var.ndim and var.ndim in (1, 2)
+    scanned = model.options.scan_layers
+    for path, var in flat.items():
+        axes = var.get_metadata()["axes"]
+        assert len(axes) == var.ndim and (axes[0] == "layers") == (scanned and "layers" in path)
 
 
 def test_logits_and_hidden_states_parity(ours, cls_ckpt, batch, forward):
@@ -170,8 +179,7 @@ def test_logits_and_hidden_states_parity(ours, cls_ckpt, batch, forward):
 
 def test_bf16_close_to_f32(cls_ckpt, batch, ours, forward):
     model32, _ = ours
-    model16, _ = load_pretrained(str(cls_ckpt[1]), dtype=jnp.bfloat16)
-    model16.eval()
+    model16, _ = hf.load_pretrained(str(cls_ckpt[1]), dtype=jnp.bfloat16, options=model32.options)
     args = [jnp.asarray(x) for x in batch]
     l32, hs32 = forward(model32, *args)
     l16, hs16 = forward(model16, *args)
@@ -184,22 +192,28 @@ def test_bf16_close_to_f32(cls_ckpt, batch, ours, forward):
     assert max(errs) <= 0.1, errs
 
 
-def test_dropout_train_vs_eval(cls_ckpt, batch, forward):
+def test_loaded_model_is_in_eval_mode(ours, batch, forward):
+    model, _ = ours
     args = [jnp.asarray(x) for x in batch]
-    model, _ = load_pretrained(str(cls_ckpt[1]))
-    model.train()
+    first, second = (np.asarray(forward(model, *args)[0]) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
 
-    def run(seed):
-        nnx.reseed(model, dropout=seed)
-        return np.asarray(forward(model, *args)[0])
+
+def test_dropout_train_view_vs_eval(ours, cls_ckpt, batch, forward):
+    args = [jnp.asarray(x) for x in batch]
+    model, _ = ours
+    train = nnx.view(model, deterministic=False)  # dropout on, parameters shared
+
+    def run(seed):  # RBG keys: threefry dropout compiles slowly on XLA:CPU
+        key = jax.random.key(seed, impl="rbg")
+        nnx.reseed(train, dropout=key, policy="match_shape")  # scanned streams are [L]
+        return np.asarray(forward(train, *args)[0])
 
     l1 = run(1)
     np.testing.assert_array_equal(l1, run(1))  # same "dropout" seed -> same masks
     assert np.abs(l1 - run(2)).max() > 1e-3
-    assert np.abs(l1 - np.asarray(forward(model, *args)[0])).max() > 1e-3  # stream advances
-    model.eval()
-    e1, e2 = (np.asarray(forward(model, *args)[0]) for _ in range(2))
-    np.testing.assert_array_equal(e1, e2)
+    assert np.abs(l1 - np.asarray(forward(train, *args)[0])).max() > 1e-3  # stream advances
+    e1 = np.asarray(forward(model, *args)[0])  # the model itself stayed in eval mode
     ref = _torch_out(cls_ckpt[0], batch).logits.numpy()
     assert np.abs(e1 - ref).max() <= TOL
 
@@ -223,15 +237,17 @@ def test_grad_matches_torch(ours, cls_ckpt, batch):
 
     loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
     assert abs(float(loss) - loss_t.item()) <= 1e-5
-    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(grads)}
-    for hf_key, path, transpose in bert.hf_param_table(cfg):
+    flat = _flat(grads)
+    for row in bert.hf_param_table(cfg):
+        path, layer = locate(row.path, flat)
         g = np.asarray(flat[path][...])
-        gt = grads_t[hf_key].T if transpose else grads_t[hf_key]
+        g = g if layer is None else g[layer]
+        gt = to_ours(row, grads_t[row.hf_key], g.shape)
         # attention.self.key.bias has an exactly-zero gradient (softmax ignores a per-query
         # constant); both sides give ~1e-10 round-off there, hence the 1e-8 absolute floor.
         scale = np.abs(gt).max()
         err = np.abs(g - gt).max()
-        assert err <= TOL * scale + 1e-8, (hf_key, err, scale)
+        assert err <= TOL * scale + 1e-8, (row.hf_key, err, scale)
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +263,7 @@ def mlm_ckpt(tmp_path_factory):
 
 def test_import_masked_lm_checkpoint(mlm_ckpt, batch, forward, capsys):
     tm, path = mlm_ckpt
-    model, cfg = load_pretrained(str(path))
-    model.eval()
+    model, cfg = hf.load_pretrained(str(path))
     assert cfg.num_labels == 3
     notes = capsys.readouterr().out
     for p in ("classifier.bias", "classifier.kernel", "pooler.bias", "pooler.kernel"):
@@ -272,12 +287,13 @@ def test_export_round_trip(ours, batch, forward, tmp_path):
     assert np.abs(np.asarray(logits) - ref).max() <= TOL
 
 
-def test_sharded_load_and_forward(cls_ckpt, batch, forward):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sharded_load_and_forward(layout, cls_ckpt, batch, forward):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    model, _ = load_pretrained(str(cls_ckpt[1]), mesh=mesh)
-    model.eval()
-    q = model.layers[0].attn.query.kernel
-    assert q.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    model, _ = hf.load_pretrained(str(cls_ckpt[1]), mesh=mesh, options=LAYOUTS[layout])
+    lead = (None,) if layout == "scanned" else ()
+    q = model.layers.attn.query.kernel if lead else model.layers[0].attn.query.kernel
+    assert q.get_value().sharding.spec == jax.sharding.PartitionSpec(*lead, "fsdp", "tensor", None)
     with jax.set_mesh(mesh):
         logits, _ = forward(model, *(jnp.asarray(x) for x in batch))
     ref = _torch_out(cls_ckpt[0], batch).logits.numpy()

@@ -1,4 +1,5 @@
-"""Cached generation: equals transformers' greedy generate and the full forward; pads after EOS."""
+"""Cached generation (unrolled and scanned KV caches): equals transformers' greedy generate and the
+full forward; pads after EOS."""
 
 import _hf_fixtures as fx
 import jax
@@ -6,22 +7,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
-from sevjax import models
+from sevjax import hf
 from sevjax.generate import _generate, generate
-from sevjax.models import layers
+from sevjax.models import ModelOptions, decoder
 
 NEW = 16
+LAYOUTS = {"unrolled": ModelOptions(), "scanned": ModelOptions(scan_layers=True)}
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """kind -> (torch model, our model)."""
-    out = {}
+def all_pairs(tmp_path_factory):
+    """layout -> kind -> (torch model, our model)."""
+    out = {layout: {} for layout in LAYOUTS}
     for kind, tm in (("gpt2", fx.gpt2()), ("llama", fx.llama("llama"))):
-        m, _ = models.load_pretrained(fx.save(tm, tmp_path_factory.mktemp(kind)))
-        out[kind] = (tm, m)
+        path = fx.save(tm, tmp_path_factory.mktemp(kind))
+        for layout, options in LAYOUTS.items():
+            out[layout][kind] = (tm, hf.load_pretrained(path, options=options)[0])
     return out
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def pairs(request, all_pairs):
+    """kind -> (torch model, our model) for one layout."""
+    return all_pairs[request.param]
+
+
+@pytest.fixture(scope="module")
+def unrolled(all_pairs):
+    """For the tests whose subject (sampling, compile cache) does not depend on the layout."""
+    return all_pairs["unrolled"]
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +85,39 @@ def test_cached_decode_logits_equal_full_forward(kind, pairs, prompts):
     b, p = ids.shape
     total = p + 4
     key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(jnp.asarray(mask))
-    positions = layers.default_positions(full_mask)
-    h, cache = m.cached_hidden(
-        jnp.asarray(ids), positions[:, :p], key_valid, m.init_cache(b, total), jnp.int32(0)
+    positions = decoder.default_positions(full_mask)
+
+    @nnx.jit
+    def step(m, ids, pos, key_valid, cache, index):
+        h, cache = m.cached_hidden(ids, pos, key_valid, cache, index)
+        return decoder.project_logits(h, *m.head()), cache
+
+    logits, cache = step(
+        m, jnp.asarray(ids), positions[:, :p], key_valid, m.init_cache(b, total), jnp.int32(0)
     )
-    steps = [layers.project_logits(h, *m.head())]
+    steps = [logits]
     for i in range(3):
         key_valid = key_valid.at[:, p + i].set(1)
         col = slice(p + i, p + i + 1)
-        h, cache = m.cached_hidden(full_ids[:, col], positions[:, col], key_valid, cache, p + i)
-        steps.append(layers.project_logits(h, *m.head()))
+        logits, cache = step(m, full_ids[:, col], positions[:, col], key_valid, cache, p + i)
+        steps.append(logits)
     cached = np.concatenate([np.asarray(s) for s in steps], axis=1)  # (B, P + 3, V)
     valid = np.asarray(full_mask[:, : p + 3]).astype(bool)
     assert np.abs(cached - full[:, : p + 3])[valid].max() <= 1e-5
 
 
-def test_compiles_once_per_shape(pairs, prompts):
-    _, m = pairs["gpt2"]
+def test_scanned_cache_is_stacked(pairs):
+    for _, m in pairs.values():
+        cache = m.init_cache(3, 10)
+        kh, h = m.kv_heads_and_dim
+        if m.options.scan_layers:
+            assert [c.shape for c in cache] == [(2, 3, 10, kh, h)] * 2
+        else:
+            assert len(cache) == 2 and cache[0][0].shape == (3, 10, kh, h)
+
+
+def test_compiles_once_per_shape(unrolled, prompts):
+    _, m = unrolled["gpt2"]
     ids, mask = prompts
     generate(m, ids, mask, max_new_tokens=NEW)
     before = _generate._cache_size()
@@ -95,8 +127,8 @@ def test_compiles_once_per_shape(pairs, prompts):
     assert _generate._cache_size() == before
 
 
-def test_sampling(pairs, prompts):
-    _, m = pairs["llama"]
+def test_sampling(unrolled, prompts):
+    _, m = unrolled["llama"]
     ids, mask = prompts
     greedy = np.asarray(generate(m, ids, mask, max_new_tokens=8))
     rng = jax.random.key(7)

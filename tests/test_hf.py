@@ -1,4 +1,5 @@
-"""HF import/export: round trips through transformers, sharded/bf16/.bin files, key/shape errors."""
+"""HF import/export: round trips through transformers (unrolled and scanned), sharded/bf16/.bin
+files, per-device loading of stacked layers, per-tensor export from a mesh, key/shape errors."""
 
 import json
 import logging
@@ -14,9 +15,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from sevjax import hf, models
+from sevjax.models import ModelOptions
 from sevjax.sharding import make_mesh, state_shardings
 
 KINDS = ("gpt2", "llama", "qwen2")
+SCANNED = ModelOptions(scan_layers=True)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,12 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpts):
-    return {k: models.load_pretrained(p) for k, p in ckpts.items()}
+    return {k: hf.load_pretrained(p) for k, p in ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def scanned(ckpts):
+    return {k: hf.load_pretrained(p, options=SCANNED) for k, p in ckpts.items()}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +45,7 @@ def batch():
 
 def logits(m, batch):
     ids, mask, _ = batch
-    return np.asarray(m(jnp.asarray(ids), jnp.asarray(mask)))
+    return np.asarray(fx.forward(m, jnp.asarray(ids), jnp.asarray(mask)))
 
 
 def params(m):
@@ -61,9 +69,10 @@ def reload_in_transformers(path, caplog):
     return tm.eval()
 
 
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_round_trip_through_transformers(kind, loaded, batch, tmp_path, caplog):
-    m, config = loaded[kind]
+def test_round_trip_through_transformers(kind, layout, loaded, scanned, batch, tmp_path, caplog):
+    m, config = (loaded if layout == "unrolled" else scanned)[kind]
     out = hf.save_pretrained(m, config, tmp_path / "export")
     assert (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
     hf_config = json.loads((out / "config.json").read_text())
@@ -76,14 +85,15 @@ def test_round_trip_through_transformers(kind, loaded, batch, tmp_path, caplog):
     assert np.abs(logits(m, batch) - ref)[mask.astype(bool)].max() <= 1e-5
     if config.tie_word_embeddings:  # written once, so no lm_head key in the file
         assert not any(k.startswith("lm_head") for k in load_file(out / "model.safetensors"))
-    m2, config2 = models.load_pretrained(out)
+    m2, config2 = hf.load_pretrained(out, options=m.options)
     assert config2 == config
     a, b = params(m), params(m2)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_sharded_export_writes_index_and_reloads(loaded, batch, tmp_path, caplog):
-    m, config = loaded["llama"]
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_sharded_export_writes_index_and_reloads(layout, loaded, scanned, batch, tmp_path, caplog):
+    m, config = (loaded if layout == "unrolled" else scanned)["llama"]
     out = hf.save_pretrained(m, config, tmp_path, max_shard_size="20KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -94,7 +104,7 @@ def test_sharded_export_writes_index_and_reloads(loaded, batch, tmp_path, caplog
     ids, mask, _ = batch
     ref = fx.torch_logits(reload_in_transformers(out, caplog), ids, mask)
     assert np.abs(logits(m, batch) - ref)[mask.astype(bool)].max() <= 1e-5
-    m2, _ = models.load_pretrained(out)
+    m2, _ = hf.load_pretrained(out, options=m.options)
     np.testing.assert_array_equal(logits(m2, batch), logits(m, batch))
 
 
@@ -105,7 +115,7 @@ def test_bf16_export_and_import(loaded, tmp_path):
     with open(out / "model.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
-    m2, _ = models.load_pretrained(out)
+    m2, _ = hf.load_pretrained(out)
     for k, v in params(m).items():
         np.testing.assert_array_equal(params(m2)[k], v.astype(jnp.bfloat16).astype(np.float32))
 
@@ -118,26 +128,36 @@ def test_pytorch_bin_and_base_model_checkpoints(ckpts, loaded, batch, tmp_path):
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "bin" / "config.json").write_text((ckpts["gpt2"] / "config.json").read_text())
     expected = logits(loaded["gpt2"][0], batch)
-    np.testing.assert_array_equal(
-        logits(models.load_pretrained(tmp_path / "bin")[0], batch), expected
-    )
+    np.testing.assert_array_equal(logits(hf.load_pretrained(tmp_path / "bin")[0], batch), expected)
     tm.transformer.save_pretrained(tmp_path / "base")  # GPT2Model: keys without "transformer."
-    base, _ = models.load_pretrained(tmp_path / "base")
+    base, _ = hf.load_pretrained(tmp_path / "base")
     np.testing.assert_array_equal(logits(base, batch), expected)
 
 
-def test_load_with_mesh_puts_each_tensor_on_its_sharding(ckpts, loaded, batch):
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_load_with_mesh_puts_each_tensor_on_its_sharding(layout, ckpts, loaded, batch, tmp_path):
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
-    m, _ = models.load_pretrained(ckpts["llama"], mesh=mesh)
+    options = SCANNED if layout == "scanned" else None
+    m, config = hf.load_pretrained(ckpts["llama"], mesh=mesh, options=options)
     state = nnx.state(m, nnx.Param)
     expected = dict(nnx.to_flat_state(state_shardings(state, mesh)))
     for path, var in nnx.to_flat_state(state):
         assert var.get_value().sharding == expected[path].get_value(), path
-    q = m.layers[0].self_attn.q_proj.kernel.get_value()
-    assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape == (16, 8)
+    if layout == "scanned":  # [L, D, N, H]: every device holds its slice of both layers
+        q = m.layers.self_attn.q_proj.kernel.get_value()
+        assert q.addressable_shards[0].data.shape == (2, 16, 1, 8)
+    else:
+        q = m.layers[0].self_attn.q_proj.kernel.get_value()
+        assert q.addressable_shards[0].data.shape == (16, 1, 8)
+    assert len(q.sharding.device_set) == 8
     ids, mask, _ = batch
     diff = np.abs(logits(m, batch) - logits(loaded["llama"][0], batch))
     assert diff[mask.astype(bool)].max() <= 1e-5
+    # Export from the mesh, tensor by tensor: the same bytes as the unsharded unrolled model.
+    sharded_out = hf.save_pretrained(m, config, tmp_path / "from_mesh")
+    plain_out = hf.save_pretrained(*loaded["llama"], tmp_path / "plain")
+    for name in ("model.safetensors", "config.json"):
+        assert (sharded_out / name).read_bytes() == (plain_out / name).read_bytes()
 
 
 def test_generation_config_and_tokenizer_files(loaded, tmp_path):
@@ -170,19 +190,19 @@ def test_errors_name_the_key_and_shapes(ckpts, tmp_path):
     src = ckpts["llama"]
     key = "model.layers.1.mlp.up_proj.weight"
     with pytest.raises(ValueError, match=f"missing keys: {key}"):
-        models.load_pretrained(rewrite(src, tmp_path / "missing", lambda t: t.pop(key)))
+        hf.load_pretrained(rewrite(src, tmp_path / "missing", lambda t: t.pop(key)))
 
     def reshape(t):
         t[key] = np.zeros((64, 31), np.float32)
 
     with pytest.raises(ValueError, match=r"up_proj.weight has shape \(64, 31\).*needs \(64, 32\)"):
-        models.load_pretrained(rewrite(src, tmp_path / "shape", reshape))
+        hf.load_pretrained(rewrite(src, tmp_path / "shape", reshape))
 
     def extra(t):
         t["model.layers.0.mystery.weight"] = np.zeros(3, np.float32)
 
     with pytest.raises(ValueError, match="unexpected keys: model.layers.0.mystery.weight"):
-        models.load_pretrained(rewrite(src, tmp_path / "extra", extra))
+        hf.load_pretrained(rewrite(src, tmp_path / "extra", extra))
 
 
 def test_unsupported_model_type_and_missing_files(tmp_path):
@@ -190,14 +210,14 @@ def test_unsupported_model_type_and_missing_files(tmp_path):
         models.config_from_hf({"model_type": "t5"})
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ValueError, match="supported: bert, gpt2, llama, mistral, qwen2"):
-        models.load_pretrained(tmp_path)
+        hf.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "n_embd": 32, "n_head": 4})
     )
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        models.load_pretrained(tmp_path)
+        hf.load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a local directory"):
-        models.load_pretrained(str(tmp_path / "nope"))
+        hf.load_pretrained(str(tmp_path / "nope"))
 
 
 def test_new_if_missing_params_are_initialised_on_their_sharding(
@@ -213,8 +233,28 @@ def test_new_if_missing_params_are_initialised_on_their_sharding(
         lambda t: [t.pop(k) for k in ("transformer.ln_f.weight", "transformer.ln_f.bias")],
     )
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
-    m, _ = models.load_pretrained(src, mesh=mesh)
+    m, _ = hf.load_pretrained(src, mesh=mesh)
     assert "ln_f.scale is not in" in capsys.readouterr().out
     np.testing.assert_array_equal(np.asarray(m.ln_f.scale.get_value()), np.ones(32, np.float32))
     assert m.ln_f.scale.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp")
     assert m.wte.embedding.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_read_config_needs_only_config_json_and_abstract_model(ckpts, tmp_path):
+    (tmp_path / "config.json").write_text((ckpts["llama"] / "config.json").read_text())
+    config = hf.read_config(tmp_path)  # no weights in this directory
+    assert config == hf.load_pretrained(ckpts["llama"])[1]
+    with pytest.raises(FileNotFoundError, match="neither a local directory"):
+        hf.read_config(tmp_path / "nope")
+    for options in (None, SCANNED):
+        abstract = nnx.eval_shape(
+            lambda o=options: models.model_class(config)(
+                config,
+                dtype=jnp.bfloat16,
+                param_dtype=jnp.float32,
+                options=o,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+        assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)

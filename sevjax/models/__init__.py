@@ -2,7 +2,14 @@
 
 ``gpt2`` -> :mod:`sevjax.models.gpt2`; ``llama``, ``mistral``, ``qwen2`` -> :mod:`sevjax.models.llama`;
 ``bert`` -> :mod:`sevjax.models.bert`. Family modules are imported lazily so that one family's
-absence or import cost never affects another.
+absence or import cost never affects another. Shared pieces: :mod:`~sevjax.models.layers`
+(dense, norms, RoPE), :mod:`~sevjax.models.attention` (masks and kernels),
+:mod:`~sevjax.models.stack` (unrolled / scanned layers, remat), :mod:`~sevjax.models.decoder`
+(the causal-LM trunk and KV cache), :mod:`~sevjax.models.hf_table` (HF table rows).
+:class:`ModelOptions` switches layout and kernels without changing the model code.
+
+Loading a checkpoint is :func:`sevjax.hf.load_pretrained` (this package never imports
+``sevjax.hf``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sevjax.models.options import ModelOptions
 from sevjax.sharding import create_sharded
 
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2", "llama", "mistral", "qwen2")
@@ -80,8 +88,10 @@ def build(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
+    options: ModelOptions | None = None,
 ) -> nnx.Module:
-    """A randomly initialised model for ``config``, created already sharded when ``mesh`` is set.
+    """A randomly initialised model for ``config`` in eval mode (dropout off), created already
+    sharded when ``mesh`` is set.
 
     Args:
         config: a GPT2Config / LlamaConfig / BertConfig.
@@ -89,32 +99,23 @@ def build(
         dtype: compute dtype.
         param_dtype: storage dtype of the parameters.
         mesh: optional device mesh; parameters follow :data:`sevjax.sharding.RULES`.
+        options: layout and kernels (default ``ModelOptions()``).
     """
     cls = model_class(config)
     return create_sharded(
-        lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), mesh
+        lambda: cls(
+            config, dtype=dtype, param_dtype=param_dtype, options=options, rngs=nnx.Rngs(seed)
+        ),
+        mesh,
     )
-
-
-def load_pretrained(
-    path_or_repo_id: str,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    mesh: jax.sharding.Mesh | None = None,
-) -> tuple[nnx.Module, Any]:
-    """Loads an HF checkpoint directory (or Hub id) into our model; see :func:`sevjax.hf.load`."""
-    from sevjax import hf
-
-    return hf.load(path_or_repo_id, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "ModelOptions",
     "build",
     "config_from_hf",
     "family",
-    "load_pretrained",
     "model_class",
     "model_type_of",
 ]

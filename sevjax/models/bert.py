@@ -1,16 +1,23 @@
 """BERT encoder with a sequence-classification head, in the HF ``BertForSequenceClassification`` layout.
 
 Matches transformers' PyTorch BERT (post-LayerNorm, absolute positions, erf GELU) so that AraBERT
-checkpoints import with parity. Every matrix is a 2-D ``[in, out]`` kernel, so the HF mapping in
-:func:`hf_param_table` is only "same" or "transpose". Dropout draws from the ``"dropout"`` RNG
-stream and is active after ``model.train()`` and off after ``model.eval()``.
+checkpoints import with parity. Kernels are ``[in, out]`` with heads as their own dimension
+(query/key/value [D, N, H], attention output [N, H, D]); the HF table transposes and reshapes
+torch's ``nn.Linear`` weights. The encoder layers are a :mod:`sevjax.models.stack` (unrolled or
+scanned, with remat), so ``hidden_states`` returns the L + 1 states either way.
+
+Dropout draws from the ``"dropout"`` RNG stream. A model is created in eval mode (dropout off,
+like transformers' ``from_pretrained``); training switches it on explicitly with
+``nnx.view(model, deterministic=False)`` (a view sharing the parameters) or
+``model.train()``. A scanned model's dropout streams are stacked [L], so reseed them with
+``nnx.reseed(model, dropout=seed, policy="match_shape")``.
 
 Typical use::
 
     cfg = BertConfig.from_hf_config(json.load(open("config.json")))
     model = BertForSequenceClassification(cfg, rngs=nnx.Rngs(params=0, dropout=1))
-    model.eval()
-    logits = model(input_ids, attention_mask, token_type_ids)  # (B, C)
+    logits = model(input_ids, attention_mask, token_type_ids)  # (B, C), eval mode
+    train_model = nnx.view(model, deterministic=False)  # dropout on, same parameters
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models.layers import Dense, Embed, LayerNorm, activation, dot_product_attention
+from sevjax.models import attention, stack
+from sevjax.models.hf_table import HFParam
+from sevjax.models.layers import Dense, Embed, LayerNorm, activation
+from sevjax.models.options import ModelOptions, resolve
 from sevjax.sharding import constrain
 
 HF_ARCHITECTURE = "BertForSequenceClassification"
@@ -170,7 +180,7 @@ class BertEmbeddings(nnx.Module):
         self.position = Embed(cfg.max_position_embeddings, D, axes=(None, "embed"), **kw)
         self.token_type = Embed(cfg.type_vocab_size, D, axes=(None, "embed"), **kw)
         self.norm = LayerNorm(D, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+        self.dropout = _dropout(cfg.hidden_dropout_prob, rngs)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         T = input_ids.shape[1]
@@ -179,52 +189,56 @@ class BertEmbeddings(nnx.Module):
         return self.dropout(self.norm(x))  # (B, T, D)
 
 
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """Dropout created in eval mode (``deterministic=True``)."""
+    return nnx.Dropout(rate, deterministic=True, rngs=rngs)
+
+
 class BertSelfAttention(nnx.Module):
     """Bidirectional multi-head attention with a key padding mask; softmax in float32."""
 
     def __init__(self, cfg: BertConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        D, std = cfg.hidden_size, cfg.initializer_range
-        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = Dense(D, D, axes=("embed", "heads"), **kw)
-        self.key = Dense(D, D, axes=("embed", "heads"), **kw)
-        self.value = Dense(D, D, axes=("embed", "heads"), **kw)
-        self.output = Dense(D, D, axes=("heads", "embed"), **kw)
-        self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
-        self.num_heads = cfg.num_attention_heads
+        D, N = cfg.hidden_size, cfg.num_attention_heads
+        H = D // N
+        kw = dict(std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        qkv_axes = ("embed", "heads", "head_dim")
+        self.query = Dense(D, (N, H), axes=qkv_axes, **kw)
+        self.key = Dense(D, (N, H), axes=qkv_axes, **kw)
+        self.value = Dense(D, (N, H), axes=qkv_axes, **kw)
+        self.output = Dense((N, H), D, axes=("heads", "head_dim", "embed"), **kw)
+        self.dropout = _dropout(cfg.attention_probs_dropout_prob, rngs)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        B, T, D = x.shape
-        N = self.num_heads
-        H = D // N
-        q = self.query(x).reshape(B, T, N, H)  # (B, T, N, H)
-        k = self.key(x).reshape(B, T, N, H)  # (B, T, N, H)
-        v = self.value(x).reshape(B, T, N, H)  # (B, T, N, H)
-        out = dot_product_attention(
-            q, k, v, mask[:, None, None, :], dtype=self.dtype, probs_dropout=self.dropout
+    def __call__(self, x: jax.Array, mask: attention.AttentionMask) -> jax.Array:
+        q, k, v = self.query(x), self.key(x), self.value(x)  # (B, T, N, H) each
+        out = attention.attend(
+            q, k, v, mask, dtype=self.dtype, probs_dropout=self.dropout
         )  # (B, T, N, H)
-        return self.output(out.reshape(B, T, D))  # (B, T, D)
+        return self.output(out)  # (B, T, D)
 
 
 class BertLayer(nnx.Module):
-    """Post-LN transformer block: ``LN(x + attn(x))`` then ``LN(h + mlp(h))``."""
+    """Post-LN transformer block: ``LN(x + attn(x))`` then ``LN(h + mlp(h))``.
+
+    Follows the stack convention ``layer(x, mask, cache, index) -> (x, None)``.
+    """
 
     def __init__(self, cfg: BertConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         D, F, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn = BertSelfAttention(cfg, **kw, rngs=rngs)
-        self.attn_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+        self.attn_dropout = _dropout(cfg.hidden_dropout_prob, rngs)
         self.attn_norm = LayerNorm(D, eps=cfg.layer_norm_eps, **kw)
         self.intermediate = Dense(D, F, axes=("embed", "mlp"), std=std, **kw, rngs=rngs)
         self.output = Dense(F, D, axes=("mlp", "embed"), std=std, **kw, rngs=rngs)
-        self.mlp_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+        self.mlp_dropout = _dropout(cfg.hidden_dropout_prob, rngs)
         self.mlp_norm = LayerNorm(D, eps=cfg.layer_norm_eps, **kw)
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: attention.AttentionMask, cache=None, layer=None):
         h = self.attn_norm(x + self.attn_dropout(self.attn(x, mask)))
         y = self.output(self.act(self.intermediate(h)))
-        return self.mlp_norm(h + self.mlp_dropout(y))
+        return self.mlp_norm(h + self.mlp_dropout(y)), cache
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -234,6 +248,7 @@ class BertForSequenceClassification(nnx.Module):
         config: the model options.
         dtype: compute dtype (float32 or bfloat16); softmax and LayerNorm statistics stay f32.
         param_dtype: storage dtype of the parameters.
+        options: scanned layers, remat, attention kernel (default: ``ModelOptions()``).
         rngs: ``params`` for initialization and ``dropout`` for dropout masks (a plain
             ``nnx.Rngs(seed)`` serves both).
     """
@@ -244,6 +259,7 @@ class BertForSequenceClassification(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        options: ModelOptions | None = None,
         rngs: nnx.Rngs,
     ):
         if "dropout" not in rngs:
@@ -252,15 +268,19 @@ class BertForSequenceClassification(nnx.Module):
             rngs = nnx.Rngs(params=rngs.params(), dropout=rngs.params())
         self.config = config
         self.dtype = dtype
+        self.options = resolve(options)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         D, std = config.hidden_size, config.initializer_range
         self.embeddings = BertEmbeddings(config, **kw, rngs=rngs)
-        self.layers = nnx.List(
-            [BertLayer(config, **kw, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        self.layers = stack.make_layers(
+            lambda r: BertLayer(config, **kw, rngs=r),
+            config.num_hidden_layers,
+            options=self.options,
+            rngs=rngs,
         )
         self.pooler = Dense(D, D, axes=("embed", None), std=std, **kw, rngs=rngs)
         p = config.classifier_dropout
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob if p is None else p, rngs=rngs)
+        self.dropout = _dropout(config.hidden_dropout_prob if p is None else p, rngs)
         self.classifier = Dense(
             D, config.num_labels, axes=("embed", "classes"), std=std, **kw, rngs=rngs
         )
@@ -276,9 +296,9 @@ class BertForSequenceClassification(nnx.Module):
         for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if x is not None and x.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {x.shape} != input_ids shape {input_ids.shape}")
-        mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask > 0
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask > 0
         tt = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        return mask, tt
+        return attention.padding_mask(valid, implementation=self.options.attention), tt
 
     def hidden_states(
         self,
@@ -295,15 +315,12 @@ class BertForSequenceClassification(nnx.Module):
 
         Returns:
             ``num_hidden_layers + 1`` arrays [B, T, D] in the compute dtype: the embedding
-            output, then the output of each layer.
+            output, then the output of each layer (scanned: the scan's stacked outputs, split).
         """
         mask, tt = self._inputs(input_ids, attention_mask, token_type_ids)
         x = constrain(self.embeddings(input_ids, tt), ("batch", "seq", "embed"))  # (B, T, D)
-        out = [x]
-        for layer in self.layers:
-            x = constrain(layer(x, mask), ("batch", "seq", "embed"))  # (B, T, D)
-            out.append(x)
-        return out
+        _, _, outs = stack.run_layers(self.layers, x, mask, options=self.options, collect=True)
+        return [x, *outs]  # a stacked [L, B, T, D] unpacks into L arrays
 
     def __call__(
         self,
@@ -321,37 +338,45 @@ class BertForSequenceClassification(nnx.Module):
         Returns:
             [B, C] logits in the compute dtype, C = ``config.num_labels``.
         """
-        x = self.hidden_states(input_ids, attention_mask, token_type_ids)[-1]
+        mask, tt = self._inputs(input_ids, attention_mask, token_type_ids)
+        x = constrain(self.embeddings(input_ids, tt), ("batch", "seq", "embed"))  # (B, T, D)
+        x, _, _ = stack.run_layers(self.layers, x, mask, options=self.options)
         pooled = jnp.tanh(self.pooler(x[:, 0]))  # (B, D)
         return self.classifier(self.dropout(pooled))  # (B, C)
 
 
-def hf_param_table(config: BertConfig) -> list[tuple[str, str, bool]]:
-    """(hf_key, our_path, transpose) for every parameter of :class:`BertForSequenceClassification`.
+def hf_param_table(config: BertConfig) -> list[HFParam]:
+    """One :class:`HFParam` per parameter of :class:`BertForSequenceClassification`.
 
-    hf_key is the ``BertForSequenceClassification`` checkpoint key; our_path is the dot-joined
-    path in ``nnx.state(model, nnx.Param)``; transpose is True for ``nn.Linear`` weights, which
-    torch stores ``[out, in]``.
+    hf_key is the ``BertForSequenceClassification`` checkpoint key; path is the per-layer
+    dot-joined path in ``nnx.state(model, nnx.Param)``; torch ``nn.Linear`` weights [out, in]
+    are transposed, and the attention projections reshaped to per-head kernels.
     """
+    D = config.hidden_size
 
-    def dense(hf: str, ours: str) -> list[tuple[str, str, bool]]:
-        return [(f"{hf}.weight", f"{ours}.kernel", True), (f"{hf}.bias", f"{ours}.bias", False)]
+    def dense(hf: str, ours: str, heads: bool = False, out_heads: bool = True):
+        shape = (D, D) if heads else None
+        bias_shape = (D,) if heads and out_heads else None
+        return [
+            HFParam(f"{hf}.weight", f"{ours}.kernel", True, shape),
+            HFParam(f"{hf}.bias", f"{ours}.bias", False, bias_shape),
+        ]
 
-    def norm(hf: str, ours: str) -> list[tuple[str, str, bool]]:
-        return [(f"{hf}.weight", f"{ours}.scale", False), (f"{hf}.bias", f"{ours}.bias", False)]
+    def norm(hf: str, ours: str):
+        return [HFParam(f"{hf}.weight", f"{ours}.scale"), HFParam(f"{hf}.bias", f"{ours}.bias")]
 
     e = "bert.embeddings"
     rows = [
-        (f"{e}.word_embeddings.weight", "embeddings.word.embedding", False),
-        (f"{e}.position_embeddings.weight", "embeddings.position.embedding", False),
-        (f"{e}.token_type_embeddings.weight", "embeddings.token_type.embedding", False),
+        HFParam(f"{e}.word_embeddings.weight", "embeddings.word.embedding"),
+        HFParam(f"{e}.position_embeddings.weight", "embeddings.position.embedding"),
+        HFParam(f"{e}.token_type_embeddings.weight", "embeddings.token_type.embedding"),
         *norm(f"{e}.LayerNorm", "embeddings.norm"),
     ]
     for i in range(config.num_hidden_layers):
         hf, ours = f"bert.encoder.layer.{i}", f"layers.{i}"
         for name in ("query", "key", "value"):
-            rows += dense(f"{hf}.attention.self.{name}", f"{ours}.attn.{name}")
-        rows += dense(f"{hf}.attention.output.dense", f"{ours}.attn.output")
+            rows += dense(f"{hf}.attention.self.{name}", f"{ours}.attn.{name}", heads=True)
+        rows += dense(f"{hf}.attention.output.dense", f"{ours}.attn.output", True, False)
         rows += norm(f"{hf}.attention.output.LayerNorm", f"{ours}.attn_norm")
         rows += dense(f"{hf}.intermediate.dense", f"{ours}.intermediate")
         rows += dense(f"{hf}.output.dense", f"{ours}.output")

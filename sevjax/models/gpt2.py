@@ -1,8 +1,10 @@
 """GPT-2 language model (AraGPT2 and friends) in Flax NNX, laid out like HF ``GPT2LMHeadModel``.
 
-Pre-LN blocks, learned positions, the fused ``c_attn`` kernel [D, 3D] exactly as HF's ``Conv1D``
-stores it, ``gelu_new`` MLP and a tied LM head. HF ``Conv1D`` weights are already [in, out], so
-the HF table never transposes (except an untied ``lm_head``).
+Pre-LN blocks, learned positions, ``gelu_new`` MLP and a tied LM head, on the shared decoder
+(:class:`sevjax.models.decoder.CausalLM`). The fused ``c_attn`` kernel is stored [D, 3, N, H]
+(HF ``Conv1D``: [D, 3D]) so that tensor parallelism splits the heads of q, k and v alike rather
+than cutting across the q|k|v boundary; ``c_proj`` is [N, H, D]. HF ``Conv1D`` weights are
+already [in, out], so the HF table only reshapes (and transposes an untied ``lm_head``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models import layers
+from sevjax.models import attention, decoder, layers, stack
+from sevjax.models.decoder import DecoderContext, update_cache
+from sevjax.models.hf_table import HFParam
 from sevjax.models.layers import Dense, Dtype, Embed, LayerNorm
-from sevjax.sharding import constrain
+from sevjax.models.options import ModelOptions, resolve
 
 HF_BASE_PREFIX = "transformer."
 HF_IGNORE = (r".*attn\.(masked_)?bias", r"lm_head\.weight")
@@ -79,53 +83,58 @@ class GPT2Config:
         return d
 
 
-def hf_param_table(config: GPT2Config) -> list[tuple[str, str, bool]]:
-    """(hf_key, our_path, transpose) for every parameter of :class:`GPT2LMHeadModel`."""
-    p = HF_BASE_PREFIX
-    table = [(p + "wte.weight", "wte.embedding", False), (p + "wpe.weight", "wpe.embedding", False)]
+def hf_param_table(config: GPT2Config) -> list[HFParam]:
+    """One :class:`HFParam` per parameter of :class:`GPT2LMHeadModel` (per-layer paths)."""
+    p, d = HF_BASE_PREFIX, config.n_embd
+    table = [HFParam(p + "wte.weight", "wte.embedding"), HFParam(p + "wpe.weight", "wpe.embedding")]
     for i in range(config.n_layer):
-        for hf, ours in (
-            ("ln_1", "ln_1"),
-            ("attn.c_attn", "attn.c_attn"),
-            ("attn.c_proj", "attn.c_proj"),
-            ("ln_2", "ln_2"),
-            ("mlp.c_fc", "mlp.c_fc"),
-            ("mlp.c_proj", "mlp.c_proj"),
-        ):
-            weight = "scale" if hf.startswith("ln") else "kernel"
-            table.append((f"{p}h.{i}.{hf}.weight", f"layers.{i}.{ours}.{weight}", False))
-            table.append((f"{p}h.{i}.{hf}.bias", f"layers.{i}.{ours}.bias", False))
-    table += [(p + "ln_f.weight", "ln_f.scale", False), (p + "ln_f.bias", "ln_f.bias", False)]
+        pre, ours = f"{p}h.{i}.", f"layers.{i}."
+        table += [
+            HFParam(pre + "ln_1.weight", ours + "ln_1.scale"),
+            HFParam(pre + "ln_1.bias", ours + "ln_1.bias"),
+            HFParam(pre + "attn.c_attn.weight", ours + "attn.c_attn.kernel", hf_shape=(d, 3 * d)),
+            HFParam(pre + "attn.c_attn.bias", ours + "attn.c_attn.bias", hf_shape=(3 * d,)),
+            HFParam(pre + "attn.c_proj.weight", ours + "attn.c_proj.kernel", hf_shape=(d, d)),
+            HFParam(pre + "attn.c_proj.bias", ours + "attn.c_proj.bias"),
+            HFParam(pre + "ln_2.weight", ours + "ln_2.scale"),
+            HFParam(pre + "ln_2.bias", ours + "ln_2.bias"),
+            HFParam(pre + "mlp.c_fc.weight", ours + "mlp.c_fc.kernel"),
+            HFParam(pre + "mlp.c_fc.bias", ours + "mlp.c_fc.bias"),
+            HFParam(pre + "mlp.c_proj.weight", ours + "mlp.c_proj.kernel"),
+            HFParam(pre + "mlp.c_proj.bias", ours + "mlp.c_proj.bias"),
+        ]
+    table += [HFParam(p + "ln_f.weight", "ln_f.scale"), HFParam(p + "ln_f.bias", "ln_f.bias")]
     if not config.tie_word_embeddings:
-        table.append(("lm_head.weight", "lm_head.kernel", True))
+        table.append(HFParam("lm_head.weight", "lm_head.kernel", transpose=True))
     return table
 
 
 class GPT2Attention(nnx.Module):
-    """Causal self-attention with the fused ``c_attn`` [D, 3D] projection."""
+    """Causal self-attention with the fused ``c_attn`` [D, 3, N, H] projection."""
 
-    def __init__(self, config: GPT2Config, layer_idx: int, *, dtype, param_dtype, rngs):
-        d, std = config.n_embd, config.initializer_range
+    def __init__(self, config: GPT2Config, *, dtype, param_dtype, rngs):
+        d, n, std = config.n_embd, config.n_head, config.initializer_range
+        h = d // n
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.c_attn = Dense(d, 3 * d, axes=("embed", "heads"), std=std, **kw)
+        qkv_axes = ("embed", None, "heads", "head_dim")
+        self.c_attn = Dense(d, (3, n, h), axes=qkv_axes, std=std, **kw)
         proj_std = std / math.sqrt(2 * config.n_layer)
-        self.c_proj = Dense(d, d, axes=("heads", "embed"), std=proj_std, **kw)
-        self.num_heads = config.n_head
-        scale = 1.0 / math.sqrt(d // config.n_head) if config.scale_attn_weights else 1.0
-        if config.scale_attn_by_inverse_layer_idx:
-            scale /= layer_idx + 1
-        self.scale = scale
+        self.c_proj = Dense((n, h), d, axes=("heads", "head_dim", "embed"), std=proj_std, **kw)
+        self.scale = 1.0 / math.sqrt(h) if config.scale_attn_weights else 1.0
+        self.inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
         self.dtype = dtype
 
-    def __call__(self, x, mask, cache=None, index=None):
-        b, t, d = x.shape
-        qkv = self.c_attn(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)  # (B,T,3,N,H)
+    def __call__(self, x, ctx: DecoderContext, cache, layer):
+        qkv = self.c_attn(x)  # (B, T, 3, N, H)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
         if cache is not None:
-            cache = layers.update_cache(cache, k, v, index)
+            cache = update_cache(cache, k, v, ctx.cache_index)
             k, v = cache
-        out = layers.dot_product_attention(q, k, v, mask, dtype=self.dtype, scale=self.scale)
-        return self.c_proj(out.reshape(b, t, d)), cache  # (B, T, D)
+        scale = self.scale
+        if self.inverse_layer_idx:  # ``layer`` is traced when scanned
+            scale = scale / (jnp.asarray(layer, jnp.float32) + 1.0)
+        out = attention.attend(q, k, v, ctx.mask, dtype=self.dtype, scale=scale)  # (B,T,N,H)
+        return self.c_proj(out), cache  # (B, T, D)
 
 
 class GPT2MLP(nnx.Module):
@@ -144,32 +153,34 @@ class GPT2MLP(nnx.Module):
 
 
 class GPT2Block(nnx.Module):
-    """Pre-LN transformer block."""
+    """Pre-LN transformer block: ``block(x, ctx, cache, layer) -> (x, cache)``."""
 
-    def __init__(self, config: GPT2Config, layer_idx: int, *, dtype, param_dtype, rngs):
+    def __init__(self, config: GPT2Config, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         eps = config.layer_norm_epsilon
         self.ln_1 = LayerNorm(config.n_embd, eps=eps, **kw)
-        self.attn = GPT2Attention(config, layer_idx, **kw)
+        self.attn = GPT2Attention(config, **kw)
         self.ln_2 = LayerNorm(config.n_embd, eps=eps, **kw)
         self.mlp = GPT2MLP(config, **kw)
 
-    def __call__(self, x, mask, cache=None, index=None):
-        a, cache = self.attn(self.ln_1(x), mask, cache, index)
+    def __call__(self, x, ctx, cache, layer):
+        a, cache = self.attn(self.ln_1(x), ctx, cache, layer)
         x = x + a
         return x + self.mlp(self.ln_2(x)), cache
 
 
-class GPT2LMHeadModel(layers.CausalLM):
+class GPT2LMHeadModel(decoder.CausalLM):
     """GPT-2 with an LM head.
 
     Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
-    [B, T, V]; ``hidden`` gives the final hidden states and ``head`` the output projection.
+    [B, T, V] float32; ``hidden`` gives the final hidden states and ``head`` the output
+    projection (see :class:`sevjax.models.decoder.CausalLM`).
 
     Args:
         config: the hyper-parameters.
         dtype: compute dtype (float32 or bfloat16); softmax and LayerNorm statistics stay f32.
         param_dtype: storage dtype of the parameters.
+        options: scanned layers, remat, attention kernel (default: ``ModelOptions()``).
         rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -179,21 +190,36 @@ class GPT2LMHeadModel(layers.CausalLM):
         *,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        options: ModelOptions | None = None,
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.options = resolve(options)
+        self.max_positions = config.n_positions
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
         std = config.initializer_range
-        self.wte = Embed(config.vocab_size, config.n_embd, std=std, **kw)
-        self.wpe = Embed(config.n_positions, config.n_embd, axes=(None, "embed"), std=0.01, **kw)
-        self.layers = nnx.List([GPT2Block(config, i, **kw) for i in range(config.n_layer)])
+        self.wte = Embed(config.vocab_size, config.n_embd, std=std, **kw, rngs=rngs)
+        self.wpe = Embed(
+            config.n_positions, config.n_embd, axes=(None, "embed"), std=0.01, **kw, rngs=rngs
+        )
+        self.layers = stack.make_layers(
+            lambda r: GPT2Block(config, **kw, rngs=r),
+            config.n_layer,
+            options=self.options,
+            rngs=rngs,
+        )
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, **kw)
         self.lm_head = (
             None
             if config.tie_word_embeddings
             else Dense(
-                config.n_embd, config.vocab_size, axes=("embed", "vocab"), use_bias=False, **kw
+                config.n_embd,
+                config.vocab_size,
+                axes=("embed", "vocab"),
+                use_bias=False,
+                **kw,
+                rngs=rngs,
             )
         )
 
@@ -201,58 +227,12 @@ class GPT2LMHeadModel(layers.CausalLM):
     def token_embedding(self) -> Embed:
         return self.wte
 
-    def _trunk(self, input_ids, positions, mask, cache=None, index=None):
-        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, D)
-        new_cache = []
-        for i, block in enumerate(self.layers):
-            x, c = block(x, mask, None if cache is None else cache[i], index)
-            x = layers.grad_barrier(constrain(x, ("batch", "seq", "embed")))
-            new_cache.append(c)
-        return self.ln_f(x), (new_cache if cache is not None else None)
+    @property
+    def kv_heads_and_dim(self) -> tuple[int, int]:
+        return self.config.n_head, self.config.n_embd // self.config.n_head
 
-    def hidden(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final hidden states after ``ln_f``: [B, T, D] in the compute dtype.
+    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        return self.wte(input_ids) + self.wpe(positions)  # (B, T, D)
 
-        Args:
-            input_ids: [B, T] int token ids.
-            attention_mask: [B, T] 1 = token, 0 = padding (left padding supported).
-            position_ids: [B, T] int; default ``cumsum(attention_mask) - 1`` clipped at 0.
-            segment_ids: [B, T] int packed-example ids (0 = padding); needs ``position_ids``.
-        """
-        if input_ids.shape[1] > self.config.n_positions:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds n_positions={self.config.n_positions}"
-            )
-        positions, mask = layers.decoder_inputs(
-            input_ids, attention_mask, position_ids, segment_ids
-        )
-        return self._trunk(input_ids, positions, mask)[0]
-
-    def init_cache(self, batch_size: int, max_len: int) -> list[tuple[jax.Array, jax.Array]]:
-        """Zeroed KV cache: one (k, v) pair of [B, S, N, H] per layer, in the compute dtype."""
-        n = self.config.n_head
-        shape = (batch_size, max_len, n, self.config.n_embd // n)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
-
-    def cached_hidden(self, input_ids, positions, key_valid, cache, index):
-        """One cached step: like :meth:`hidden` for tokens written at ``cache[index:index+T]``.
-
-        Args:
-            input_ids: [B, T] int.
-            positions: [B, T] int position ids.
-            key_valid: [B, S] 1 for cache slots holding real tokens (this step's included).
-            cache: from :meth:`init_cache`.
-            index: scalar int32, first cache slot of this step.
-
-        Returns:
-            (hidden [B, T, D], updated cache).
-        """
-        mask = layers.causal_mask(index + jnp.arange(input_ids.shape[1]), key_valid)
-        return self._trunk(input_ids, positions, mask, cache, index)
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        return self.ln_f(x)

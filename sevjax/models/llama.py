@@ -1,9 +1,11 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2/Qwen2.5) in Flax NNX, laid out like HF.
 
 RMSNorm, RoPE (theta and HF ``rope_scaling`` types "default", "linear", "llama3"), grouped-query
-attention, SwiGLU MLP, tied or untied LM head. Variants differ only in config: Qwen2 has q/k/v
+attention, SwiGLU MLP, tied or untied LM head, on the shared decoder
+(:class:`sevjax.models.decoder.CausalLM`). Variants differ only in config: Qwen2 has q/k/v
 biases (no o_proj bias), Llama's ``attention_bias`` puts a bias on q/k/v/o, Mistral may have a
-uniform sliding window. Kernels are [in, out]; HF ``nn.Linear`` weights are transposed.
+uniform sliding window. Kernels are [in, out] with heads as their own dimension (q [D, N, H],
+k/v [D, K, H], o [N, H, D]); the HF table transposes and reshapes torch's ``nn.Linear`` weights.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models import layers
+from sevjax.models import attention, decoder, layers, stack
+from sevjax.models.decoder import DecoderContext, update_cache
+from sevjax.models.hf_table import HFParam
 from sevjax.models.layers import Dense, Dtype, Embed, RMSNorm
-from sevjax.sharding import constrain
+from sevjax.models.options import ModelOptions, resolve
 
 HF_BASE_PREFIX = "model."
 HF_IGNORE = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
@@ -143,36 +147,41 @@ class LlamaConfig:
         return d
 
 
-def hf_param_table(config: LlamaConfig) -> list[tuple[str, str, bool]]:
-    """(hf_key, our_path, transpose) for every parameter of :class:`LlamaForCausalLM`."""
+def hf_param_table(config: LlamaConfig) -> list[HFParam]:
+    """One :class:`HFParam` per parameter of :class:`LlamaForCausalLM` (per-layer paths)."""
     p = HF_BASE_PREFIX
-    table = [(p + "embed_tokens.weight", "embed_tokens.embedding", False)]
-    projections = [
-        ("self_attn.q_proj", config.qkv_bias),
-        ("self_attn.k_proj", config.qkv_bias),
-        ("self_attn.v_proj", config.qkv_bias),
-        ("self_attn.o_proj", config.o_bias),
-        ("mlp.gate_proj", config.mlp_bias),
-        ("mlp.up_proj", config.mlp_bias),
-        ("mlp.down_proj", config.mlp_bias),
+    d, n, k, h = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    table = [HFParam(p + "embed_tokens.weight", "embed_tokens.embedding")]
+    projections = [  # (name, bias, HF weight shape [out, in])
+        ("self_attn.q_proj", config.qkv_bias, (n * h, d)),
+        ("self_attn.k_proj", config.qkv_bias, (k * h, d)),
+        ("self_attn.v_proj", config.qkv_bias, (k * h, d)),
+        ("self_attn.o_proj", config.o_bias, (d, n * h)),
+        ("mlp.gate_proj", config.mlp_bias, None),
+        ("mlp.up_proj", config.mlp_bias, None),
+        ("mlp.down_proj", config.mlp_bias, None),
     ]
     for i in range(config.num_hidden_layers):
-        pre = f"layers.{i}."
-        table.append((f"{p}{pre}input_layernorm.weight", f"{pre}input_layernorm.scale", False))
-        for name, bias in projections:
-            table.append((f"{p}{pre}{name}.weight", f"{pre}{name}.kernel", True))
+        pre, ours = f"{p}layers.{i}.", f"layers.{i}."
+        table.append(HFParam(pre + "input_layernorm.weight", ours + "input_layernorm.scale"))
+        for name, bias, shape in projections:
+            table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.kernel", True, shape))
             if bias:
-                table.append((f"{p}{pre}{name}.bias", f"{pre}{name}.bias", False))
+                bias_shape = None if shape is None or name.endswith("o_proj") else shape[:1]
+                table.append(HFParam(f"{pre}{name}.bias", f"{ours}{name}.bias", False, bias_shape))
         table.append(
-            (
-                f"{p}{pre}post_attention_layernorm.weight",
-                f"{pre}post_attention_layernorm.scale",
-                False,
+            HFParam(
+                pre + "post_attention_layernorm.weight", ours + "post_attention_layernorm.scale"
             )
         )
-    table.append((p + "norm.weight", "norm.scale", False))
+    table.append(HFParam(p + "norm.weight", "norm.scale"))
     if not config.tie_word_embeddings:
-        table.append(("lm_head.weight", "lm_head.kernel", True))
+        table.append(HFParam("lm_head.weight", "lm_head.kernel", transpose=True))
     return table
 
 
@@ -187,27 +196,27 @@ class LlamaAttention(nnx.Module):
             config.head_dim,
         )
         kw = dict(std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Dense(d, n * h, axes=("embed", "heads"), use_bias=config.qkv_bias, **kw)
-        self.k_proj = Dense(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **kw)
-        self.v_proj = Dense(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **kw)
-        self.o_proj = Dense(n * h, d, axes=("heads", "embed"), use_bias=config.o_bias, **kw)
-        self.shape = (n, k, h)
+        qkv_bias = config.qkv_bias
+        self.q_proj = Dense(d, (n, h), axes=("embed", "heads", "head_dim"), use_bias=qkv_bias, **kw)
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        self.k_proj = Dense(d, (k, h), axes=kv_axes, use_bias=qkv_bias, **kw)
+        self.v_proj = Dense(d, (k, h), axes=kv_axes, use_bias=qkv_bias, **kw)
+        o_axes = ("heads", "head_dim", "embed")
+        self.o_proj = Dense((n, h), d, axes=o_axes, use_bias=config.o_bias, **kw)
         inv_freq = layers.rope_inv_freq(h, config.rope_theta, config.rope_scaling_dict)
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, hashable
         self.dtype = dtype
 
-    def __call__(self, x, positions, mask, cache=None, index=None):
-        b, t, _ = x.shape
-        n, kh, h = self.shape
+    def __call__(self, x, ctx: DecoderContext, cache, layer):
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = layers.apply_rope(self.q_proj(x).reshape(b, t, n, h), positions, inv_freq)  # (B,T,N,H)
-        k = layers.apply_rope(self.k_proj(x).reshape(b, t, kh, h), positions, inv_freq)  # (B,T,K,H)
-        v = self.v_proj(x).reshape(b, t, kh, h)  # (B, T, K, H)
+        q = layers.apply_rope(self.q_proj(x), ctx.positions, inv_freq)  # (B, T, N, H)
+        k = layers.apply_rope(self.k_proj(x), ctx.positions, inv_freq)  # (B, T, K, H)
+        v = self.v_proj(x)  # (B, T, K, H)
         if cache is not None:
-            cache = layers.update_cache(cache, k, v, index)
+            cache = update_cache(cache, k, v, ctx.cache_index)
             k, v = cache
-        out = layers.dot_product_attention(q, k, v, mask, dtype=self.dtype)  # (B, T, N, H)
-        return self.o_proj(out.reshape(b, t, n * h)), cache  # (B, T, D)
+        out = attention.attend(q, k, v, ctx.mask, dtype=self.dtype)  # (B, T, N, H)
+        return self.o_proj(out), cache  # (B, T, D)
 
 
 class LlamaMLP(nnx.Module):
@@ -242,22 +251,24 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, **kw)
         self.mlp = LlamaMLP(config, **kw)
 
-    def __call__(self, x, positions, mask, cache=None, index=None):
-        a, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, index)
+    def __call__(self, x, ctx, cache, layer):
+        a, cache = self.self_attn(self.input_layernorm(x), ctx, cache, layer)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class LlamaForCausalLM(layers.CausalLM):
+class LlamaForCausalLM(decoder.CausalLM):
     """Llama/Mistral/Qwen2 causal LM.
 
     Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
-    [B, T, V]; ``hidden`` gives the final hidden states and ``head`` the output projection.
+    [B, T, V] float32; ``hidden`` gives the final hidden states and ``head`` the output
+    projection (see :class:`sevjax.models.decoder.CausalLM`).
 
     Args:
         config: the hyper-parameters.
         dtype: compute dtype (float32 or bfloat16); softmax and RMSNorm statistics stay f32.
         param_dtype: storage dtype of the parameters.
+        options: scanned layers, remat, attention kernel (default: ``ModelOptions()``).
         rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -267,73 +278,39 @@ class LlamaForCausalLM(layers.CausalLM):
         *,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        options: ModelOptions | None = None,
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.options = resolve(options)
+        self.sliding_window = config.sliding_window
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
         d, v = config.hidden_size, config.vocab_size
-        self.embed_tokens = Embed(v, d, std=config.initializer_range, **kw)
-        self.layers = nnx.List(
-            [LlamaDecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)]
+        self.embed_tokens = Embed(v, d, std=config.initializer_range, **kw, rngs=rngs)
+        self.layers = stack.make_layers(
+            lambda r: LlamaDecoderLayer(config, **kw, rngs=r),
+            config.num_hidden_layers,
+            options=self.options,
+            rngs=rngs,
         )
         self.norm = RMSNorm(d, eps=config.rms_norm_eps, **kw)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Dense(d, v, axes=("embed", "vocab"), use_bias=False, **kw)
+            else Dense(d, v, axes=("embed", "vocab"), use_bias=False, **kw, rngs=rngs)
         )
-
-    def _window(self, mask, q_index):
-        w = self.config.sliding_window
-        if w is None:
-            return mask
-        k_index = jnp.arange(mask.shape[-1])
-        return mask & (q_index[:, None] - k_index[None, :] < w)[None, None]  # (B, 1, T, S)
 
     @property
     def token_embedding(self) -> Embed:
         return self.embed_tokens
 
-    def _trunk(self, input_ids, positions, mask, cache=None, index=None):
-        x = self.embed_tokens(input_ids)  # (B, T, D)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask, None if cache is None else cache[i], index)
-            x = layers.grad_barrier(constrain(x, ("batch", "seq", "embed")))
-            new_cache.append(c)
-        return self.norm(x), (new_cache if cache is not None else None)
+    @property
+    def kv_heads_and_dim(self) -> tuple[int, int]:
+        return self.config.num_key_value_heads, self.config.head_dim
 
-    def hidden(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final hidden states after ``norm``: [B, T, D] in the compute dtype.
+    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)  # (B, T, D)
 
-        Args:
-            input_ids: [B, T] int token ids.
-            attention_mask: [B, T] 1 = token, 0 = padding (left padding supported).
-            position_ids: [B, T] int; default ``cumsum(attention_mask) - 1`` clipped at 0.
-            segment_ids: [B, T] int packed-example ids (0 = padding); needs ``position_ids``.
-        """
-        positions, mask = layers.decoder_inputs(
-            input_ids, attention_mask, position_ids, segment_ids
-        )
-        mask = self._window(mask, jnp.arange(input_ids.shape[1]))
-        return self._trunk(input_ids, positions, mask)[0]
-
-    def init_cache(self, batch_size: int, max_len: int) -> list[tuple[jax.Array, jax.Array]]:
-        """Zeroed KV cache: one (k, v) pair of [B, S, K, H] per layer, in the compute dtype."""
-        c = self.config
-        shape = (batch_size, max_len, c.num_key_value_heads, c.head_dim)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
-
-    def cached_hidden(self, input_ids, positions, key_valid, cache, index):
-        """One cached step; see :meth:`sevjax.models.gpt2.GPT2LMHeadModel.cached_hidden`."""
-        q_index = index + jnp.arange(input_ids.shape[1])
-        mask = self._window(layers.causal_mask(q_index, key_valid), q_index)
-        return self._trunk(input_ids, positions, mask, cache, index)
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        return self.norm(x)
