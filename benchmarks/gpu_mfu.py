@@ -2,12 +2,15 @@
 
 Usage: python benchmarks/gpu_mfu.py [--models aragpt2-medium qwen2.5-0.5b] [--seq 1024]
        [--start-batch 32] [--steps 10] [--time-budget 270] [--config-dir DIR]
+       [--no-scan] [--remat none|full|dots] [--attention auto|xla|cudnn|reference]
        python benchmarks/gpu_mfu.py --tiny   # minuscule configs on CPU (smoke test only)
 
 Models are random-init at the sizes of the published configs (``<config-dir>/<name>.json`` via
 ``sevjax.models.config_from_hf``), float32 parameters and AdamW state, bfloat16 compute, the real
-step of :mod:`sevjax.train` (severity-weighted loss; the chunked loss when the vocabulary exceeds
-``LossSection.chunked_vocab_threshold``, as training decides). For each model the batch
+step of the trainer on :class:`sevjax.train.LMTask` (severity-weighted loss; the chunked loss when
+the vocabulary exceeds ``LossSection.chunked_vocab_threshold``, as training decides), with the
+model options of a real run by default: scanned layers, no remat, ``attention=auto`` (cuDNN flash
+attention on a GPU in bf16). For each model the batch
 starts at ``--start-batch`` and halves while the step does not fit: XLA's compiled memory
 (arguments + outputs + temporaries - aliased) above the device's ``bytes_limit``, or an
 out-of-memory error at run time. The whole script stops searching once ``--time-budget`` seconds
@@ -18,9 +21,10 @@ Formula (stated once, used for every number)::
     flops_per_token = 6 * N + 12 * L * A * T
     MFU = flops_per_token * tokens / (peak_flops * seconds),  peak_flops = 989e12
 
-N is the number of parameters that take part in a matmul: every 2-D ``kernel`` plus the LM head
-(``V * D``, counted once whether tied to the embedding or not); the embedding lookups and
-position embeddings are not matmuls and are left out. ``12 * L * A * T`` is the attention score
+N is the number of parameters that take part in a matmul (:func:`sevjax.plan.matmul_params`: every
+``kernel``, per-head and scanned ones included, plus the LM head ``V * D`` counted once whether
+tied to the embedding or not); the embedding lookups and position embeddings are not matmuls and
+are left out. ``12 * L * A * T`` is the attention score
 and value matmuls (forward + backward, ``A`` = heads x head_dim, ``T`` = sequence length,
 counted over the full ``T x T`` square as PaLM's appendix B does, although the causal half is
 masked). 989e12 is the H100 SXM dense bf16 peak; the chunked loss's backward recomputes the head
@@ -46,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from train_bench import sevjax_train_step, synthetic_batch
 
-from sevjax import models
+from sevjax import models, plan
 from sevjax.schema import LossSection
 
 H100_BF16_PEAK = 989e12
@@ -69,20 +73,7 @@ TINY_THRESHOLD = 384
 def flops_per_token(hf: dict[str, Any], params: Any, seq: int) -> tuple[float, int]:
     """``(6 * N + 12 * L * A * T, N)`` for the model with HF config ``hf`` (see the docstring)."""
     config = models.config_from_hf(hf)
-    n = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        last = path[-1]
-        if getattr(last, "key", getattr(last, "name", None)) == "kernel" and leaf.ndim == 2:
-            n += leaf.size
-    if hf["model_type"] == "gpt2":
-        layers, attn, d = config.n_layer, config.n_embd, config.n_embd
-        tied = config.tie_word_embeddings
-    else:
-        layers, d, tied = config.num_hidden_layers, config.hidden_size, config.tie_word_embeddings
-        attn = config.num_attention_heads * config.head_dim
-    if tied:  # the head is the embedding: a matmul that no "kernel" leaf counts
-        n += config.vocab_size * d
-    return 6.0 * n + 12.0 * layers * attn * seq, n
+    return plan.model_flops(params, config, 1, seq), plan.matmul_params(params, config)
 
 
 def _is_oom(err: Exception) -> bool:
@@ -124,6 +115,9 @@ def bench_model(name: str, hf: dict[str, Any], args, deadline: float) -> dict[st
                 dtype=jnp.bfloat16,
                 chunked=chunked,
                 device=device,
+                options=models.ModelOptions(
+                    scan_layers=args.scan, remat=args.remat, attention=args.attention
+                ),
             )
             ok, note = _fits(step, device)
             print(f"  [{name}] batch {batch}: compiled in {step.compile_s:.1f}s, {note}")
@@ -140,6 +134,7 @@ def bench_model(name: str, hf: dict[str, Any], args, deadline: float) -> dict[st
                 tokens = batch * args.seq
                 return {
                     "model": name,
+                    "options": f"scan={args.scan} remat={args.remat} attention={args.attention}",
                     "batch": batch,
                     "chunked_loss": chunked,
                     "params": step.n_params,
@@ -186,6 +181,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=270.0, help="seconds, whole script")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     parser.add_argument("--tiny", action="store_true", help="minuscule configs (CPU smoke test)")
+    parser.add_argument("--no-scan", dest="scan", action="store_false", help="unrolled layers")
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--attention", default="auto", help="auto | xla | cudnn | reference")
     args = parser.parse_args(argv)
     if args.tiny:
         args.seq, args.start_batch, args.steps, args.warmup = 64, 4, 2, 1

@@ -95,6 +95,7 @@ def sevjax_train_step(
     chunked: bool = False,
     chunk_size: int = 2048,
     device: Any = None,
+    options: models.ModelOptions | None = None,
 ) -> SevjaxStep:
     """Builds, lowers and compiles sevjax's real train step on one device.
 
@@ -109,12 +110,17 @@ def sevjax_train_step(
         chunked: the chunked loss (hidden states + head) instead of full ``[B, T, V]`` logits.
         chunk_size: tokens per chunk of the chunked loss.
         device: the device (default ``jax.devices()[0]``).
+        options: scanned layers, remat, attention kernel (default: unrolled, no remat, auto,
+            with the XLA:CPU gradient barrier as training uses it).
     """
     cfg = TrainConfig(loss=LossSection(chunk_size=chunk_size))
+    options = options or models.ModelOptions(grad_barrier=True)
     mesh = sharding.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
     config = models.config_from_hf(hf_config)
     cls = models.model_class(config)
-    source = trainer.ModelSource(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    source = trainer.ModelSource(
+        lambda: cls(config, dtype=dtype, options=options, rngs=nnx.Rngs(0))
+    )
     s = trainer.setup(source, mesh=mesh, optim_cfg=cfg.optim, steps=cfg.steps, trainable=nnx.Param)
     state, fixed = trainer.initial_state(source, s, trainable=nnx.Param)
     task = train.LMTask(cfg, None, chunked=chunked)
