@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sevjax import plan
+from sevjax import cli, plan
 from sevjax.config import load
 from sevjax.schema import TrainConfig
 
@@ -165,3 +165,17 @@ def test_compile_scaling_benchmark_runs(capsys):
     ratio = out["scanned L=2"] / out["scanned L=1"]
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"scanned compile time ratio L=2/L=1: {ratio:.2f}"
+
+
+def test_cli_plan_writes_the_report_and_exits_zero(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    sets = ["model.layers=1", "model.width=32", "model.heads=2", "model.vocab_size=300",
+            "data.buckets=[32]", "data.batch_size=8", "mesh.data=8"]  # fmt: skip
+    argv = ["plan", "--json", str(out), *sum((["--set", s] for s in sets), []), "--hbm-gib", "1e-6"]
+    assert cli.train_main(argv) == 0  # a step that does not fit is a result, not an error
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and report["devices"] == 8 and report["trainable_params"] > 0
+    assert "fits           NO" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:  # plan-only flags on another command
+        cli.train_main(["evaluate", "--topology", "v5e:2x2"])
+    assert usage.value.code == 2
