@@ -70,13 +70,12 @@ def _generate(
     model = nnx.merge(graphdef, state)
     b, p = input_ids.shape
     total = p + max_new_tokens
-    w, transpose = model.head()
     key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(attention_mask)
     positions = decoder.default_positions(attention_mask)
     h, cache = model.cached_hidden(
         input_ids, positions, key_valid, model.init_cache(b, total), jnp.int32(0)
     )
-    logits = decoder.project_logits(h[:, -1], w, transpose)  # (B, V)
+    logits = model.logits(h[:, -1])  # (B, V), soft-capped where the model caps its logits
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32)
     carry = (jnp.int32(0), out, logits, cache, key_valid, positions[:, -1], jnp.zeros(b, bool), rng)
@@ -95,7 +94,7 @@ def _generate(
         pos = pos + 1
         key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((b, 1), jnp.int32), (0, p + i))
         h, cache = model.cached_hidden(tok[:, None], pos[:, None], key_valid, cache, p + i)
-        logits = decoder.project_logits(h[:, 0], w, transpose)  # (B, V)
+        logits = model.logits(h[:, 0])  # (B, V)
         return i + 1, out, logits, cache, key_valid, pos, done, rng
 
     return jax.lax.while_loop(cond, body, carry)[1]

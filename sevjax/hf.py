@@ -90,8 +90,7 @@ class _Checkpoint:
                     return np.zeros(shape, dtype)
                 return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
-            self.shapes[key] = shape
-            self._readers[key] = read
+            self._register(key, shape, read)
 
     def _add_torch(self, path: Path) -> None:
         import torch
@@ -104,8 +103,11 @@ class _Checkpoint:
                     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
                 return t.numpy()
 
-            self.shapes[key] = tuple(t.shape)
-            self._readers[key] = read
+            self._register(key, tuple(t.shape), read)
+
+    def _register(self, key: str, shape: tuple[int, ...], read: Callable[[], np.ndarray]) -> None:
+        key = hf_table.canonical_key(key)  # legacy names renamed as transformers does on load
+        self.shapes[key], self._readers[key] = shape, read
 
     def read(self, key: str) -> np.ndarray:
         return self._readers[key]()
@@ -196,8 +198,7 @@ def load_pretrained(
 
     Raises:
         FileNotFoundError: no config.json / weights.
-        ValueError: unsupported model_type, missing or unexpected keys, or a wrong shape (the
-          message names the key and both shapes).
+        ValueError: unsupported model_type, missing/unexpected keys or a wrong shape (named).
     """
     directory = _resolve(path_or_repo_id)
     config = read_config(directory)
@@ -205,9 +206,8 @@ def load_pretrained(
     ckpt = _Checkpoint(directory)
     cls = models.model_class(config)
 
-    def factory():
-        kw = dict(dtype=dtype, param_dtype=param_dtype, options=options)
-        return cls(config, **kw, rngs=nnx.Rngs(seed))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, options=options)
+    factory = lambda: cls(config, **kw, rngs=nnx.Rngs(seed))  # noqa: E731
 
     graphdef, abstract = nnx.split(nnx.eval_shape(factory))
     shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh))) if mesh else {}

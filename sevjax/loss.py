@@ -237,6 +237,7 @@ def chunked_severity_weighted_cross_entropy(
     normalize: str = "tokens",
     z_loss: float = 0.0,
     transpose_head: bool = False,
+    logit_softcap: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`severity_weighted_cross_entropy` from hidden states, never building ``[B, T, V]``.
 
@@ -255,6 +256,8 @@ def chunked_severity_weighted_cross_entropy(
         chunk_size: tokens per forward chunk; need not divide ``B*T``. The backward vocabulary
             slice holds about as many logits as one forward chunk.
         transpose_head: whether ``lm_head`` is ``[V, D]``.
+        logit_softcap: the logits are ``cap * tanh(z / cap)`` of ``z = hidden @ lm_head``
+            (Gemma's final-logit soft-capping), or None for ``z``.
 
     Returns:
         ``(loss, aux)`` as :func:`severity_weighted_cross_entropy`.
@@ -265,6 +268,8 @@ def chunked_severity_weighted_cross_entropy(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be positive or None, got {logit_softcap}")
     B, T, D = hidden.shape
     head_d = lm_head.shape[1] if transpose_head else lm_head.shape[0]
     if head_d != D:
@@ -273,8 +278,9 @@ def chunked_severity_weighted_cross_entropy(
             f"lm_head {lm_head.shape} (layout {layout}) does not match hidden {hidden.shape}"
         )
     _check_same("hidden[:, :, 0]", (B, T), "labels", labels.shape)
+    cap = None if logit_softcap is None else float(logit_softcap)
     nll, lse = _chunked_nll_lse(
-        hidden.reshape(B * T, D), lm_head, labels.reshape(B * T), chunk_size, transpose_head
+        hidden.reshape(B * T, D), lm_head, labels.reshape(B * T), chunk_size, transpose_head, cap
     )  # (B*T,), (B*T,)
     return _reduce(nll.reshape(B, T), lse.reshape(B, T), loss_mask, weights, normalize, z_loss)
 
@@ -282,15 +288,23 @@ def chunked_severity_weighted_cross_entropy(
 def _head_logits(h: jax.Array, w: jax.Array, transpose_head: bool) -> jax.Array:
     """``h [n, D]`` times a head slice (``[D, v]`` or ``[v, D]``) -> ``[n, v]`` float32."""
     spec = "nd,vd->nv" if transpose_head else "nd,dv->nv"
-    return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)  # (n, v)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_nll_lse(h, w, labels, chunk_size, transpose_head):
-    return _chunked_forward(h, w, labels, chunk_size, transpose_head)[0]
+def _capped(z: jax.Array, cap: float | None) -> tuple[jax.Array, jax.Array | None]:
+    """``(cap * tanh(z / cap), tanh(z / cap))``, or ``(z, None)`` without a cap."""
+    if cap is None:
+        return z, None
+    t = jnp.tanh(z / cap)
+    return cap * t, t
 
 
-def _chunked_forward(h, w, labels, chunk_size, transpose_head):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_nll_lse(h, w, labels, chunk_size, transpose_head, cap):
+    return _chunked_forward(h, w, labels, chunk_size, transpose_head, cap)[0]
+
+
+def _chunked_forward(h, w, labels, chunk_size, transpose_head, cap):
     n, d = h.shape
     n_chunks = math.ceil(n / chunk_size)
     pad = n_chunks * chunk_size - n
@@ -299,7 +313,7 @@ def _chunked_forward(h, w, labels, chunk_size, transpose_head):
 
     def body(_, xs):
         h_c, y_c = xs
-        logits = _head_logits(h_c, w, transpose_head)  # (c, V)
+        logits = _capped(_head_logits(h_c, w, transpose_head), cap)[0]  # (c, V)
         lse = jax.nn.logsumexp(logits, axis=-1)
         safe = jnp.clip(y_c, 0, logits.shape[-1] - 1)
         label_logit = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
@@ -310,7 +324,7 @@ def _chunked_forward(h, w, labels, chunk_size, transpose_head):
     return (nll, lse), (h, w, labels, lse)
 
 
-def _chunked_backward(chunk_size, transpose_head, residuals, cotangents):
+def _chunked_backward(chunk_size, transpose_head, cap, residuals, cotangents):
     h, w, labels, lse = residuals
     g_nll, g_lse = cotangents
     n, _ = h.shape
@@ -322,10 +336,12 @@ def _chunked_backward(chunk_size, transpose_head, residuals, cotangents):
 
     def slice_grads(start, size):
         w_j = jax.lax.dynamic_slice_in_dim(w, start, size, axis=vocab_axis)  # (D, v) or (v, D)
-        logits = _head_logits(h, w_j, transpose_head)  # (N, v)
+        logits, t = _capped(_head_logits(h, w_j, transpose_head), cap)  # (N, v)
         probs = jnp.exp(logits - lse[:, None])
         onehot = labels[:, None] == start + jnp.arange(size)[None, :]
         d_logits = scale[:, None] * probs - jnp.where(onehot, g_nll[:, None], 0.0)  # (N, v)
+        if t is not None:  # d(cap * tanh(z / cap)) / dz
+            d_logits = d_logits * (1.0 - jnp.square(t))
         if transpose_head:
             d_w = jnp.einsum("nv,nd->vd", d_logits, h, preferred_element_type=jnp.float32)
             d_h = jnp.einsum("nv,vd->nd", d_logits, w_j, preferred_element_type=jnp.float32)

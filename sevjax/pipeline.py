@@ -11,9 +11,10 @@ trains a model as a side effect:
    the user first (``classify.py annotate``), and the error says so.
 2. **tokenize** (:func:`sevjax.prepare.prepare`): the tokenizer (pretrained, or a BPE trained and
    written to ``<run_dir>/tokenizer``) and the encoded train / validation sets.
-3. **fine-tune** (:func:`sevjax.lm.finetune`): :func:`sevjax.loop.fit` on the LM task;
+3. **fine-tune** (:func:`sevjax.train.finetune`): :func:`sevjax.loop.fit` on the LM task;
    ``<run_dir>/checkpoints``, ``metrics.jsonl``, ``tb/``, ``loss_curve.png``.
-4. **export** (:func:`sevjax.lm.export`): ``<run_dir>/hf``, loadable by ``transformers``.
+4. **export** (:func:`sevjax.train.export`): ``<run_dir>/hf``, loadable by ``transformers``
+   (and ``<run_dir>/adapter``, a PEFT adapter, for a LoRA run).
 5. **evaluate** (:func:`evaluate`, a separate command): generations and scores under
    ``<run>/eval``.
 
@@ -84,7 +85,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Rerunning the same command resumes from the newest checkpoint in ``run_dir``.
 
     Returns:
-        The summary of :func:`sevjax.lm.summary` (paths of every output included).
+        The summary of :func:`sevjax.train.summary` (paths of every output included).
     """
     t_begin = time.time()
     main = jax.process_index() == 0
@@ -106,7 +107,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.log.plot and (run_dir.path / "loss_curve.png").exists():
             outputs["loss_curve"] = str(run_dir.path / "loss_curve.png")
         if cfg.export_hf:  # 4. export (every process takes part; process 0 writes)
-            outputs["hf"] = str(lm.export(result, config, tokenizer, run_dir.path / "hf"))
+            outputs.update(lm.export(result, config, tokenizer, run_dir.path))
     summary = lm.summary(cfg, result, t_begin, outputs)
     if main:
         print(f"[done] {result.steps} steps in {summary['wall_s']:.0f}s; outputs:")

@@ -7,7 +7,9 @@ target, without weights, tokenizer or data. The target is a TPU topology (``v5e:
 on any host, CPU-only included: ``pip install -r requirements-tpu.txt``) or the local devices.
 The model is its ``config.json`` alone: a Hub id whose config ships in ``configs/hf/``, a local
 directory holding ``config.json`` (or a full checkpoint: no weight is read), or the random-init
-sizes of ``cfg.model``.
+sizes of ``cfg.model``. With LoRA (``model.lora.rank`` > 0) the step is the LoRA run's: the base
+frozen in ``model.lora.base_dtype``, only the adapters trained and given optimizer state, so
+``trainable_params`` counts the adapters alone and ``params`` the base besides.
 
 The report gives XLA's per-device memory analysis (``total = arguments + outputs + temp -
 aliased``), the device memory (a local accelerator's ``bytes_limit``; for a TPU topology the
@@ -323,7 +325,7 @@ def plan(
     options = trainer.model_options(cfg.model)  # what training would use
     s = trainer.setup(  # outside set_mesh: optax runs tx.init eagerly, which a TPU topology can't
         train.model_source(cfg, config, None), mesh=mesh, optim_cfg=cfg.optim, steps=cfg.steps,
-        trainable=nnx.Param,
+        trainable=train.trainable(cfg),
     )  # fmt: skip
     batch, batch_sh = abstract_batch(cfg, mesh)
     task = train.LMTask(cfg, None, chunked=config.vocab_size > cfg.loss.chunked_vocab_threshold)
@@ -345,10 +347,11 @@ def plan(
         "chunked_loss": task.chunked,
         "params": trainable + frozen,
         "trainable_params": trainable,
+        "lora": _lora_report(cfg),
         "tokens_per_step": a * b * t,
         "batch": {"grad_accum": a, "batch_size": b, "seq": t},
         "flops_per_step": jaxpr_flops(out["jaxpr"].jaxpr, notes),
-        "model_flops_per_step": model_flops(s.state["params"], config, a * b * t, t),
+        "model_flops_per_step": model_flops(_all_params(s), config, a * b * t, t),
         "kernels_counted_by_grid": sorted(notes["kernels"]),
         "lower_seconds": round(out["times"][0], 2),
         "compile_seconds": round(out["times"][1], 2),
@@ -356,6 +359,20 @@ def plan(
     report.update(_fit(out, devices[0], hbm_gib, len(devices)))
     report["xla_counts_loops_once"] = notes["loops"] if out["compiled"] is not None else None
     return report
+
+
+def _all_params(s: trainer.Setup) -> dict[str, Any]:
+    """Every parameter, trained or frozen (a LoRA run's kernels are frozen), for the 6N count."""
+    frozen = nnx.to_pure_dict(s.fixed["frozen"])
+    return {"trained": s.state["params"], "frozen": frozen}
+
+
+def _lora_report(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The LoRA settings of a report (None for full fine-tuning)."""
+    c = cfg.model.lora
+    if not c.rank:
+        return None
+    return dict(rank=c.rank, alpha=c.alpha, targets=list(c.targets), base_dtype=c.base_dtype)
 
 
 def _fit(out: dict[str, Any], device: Any, hbm_gib: float | None, n: int) -> dict[str, Any]:
@@ -399,7 +416,12 @@ def table(r: dict[str, Any]) -> str:
     rows = {
         "model": f"{r['model']} ({r['dtype']} compute; {r['options']})",
         "target": f"{r['target']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
-        "params": f"{r['params']:,} ({r['trainable_params']:,} trainable)",
+        "params": f"{r['params']:,} ({r['trainable_params']:,} trainable"
+        + (
+            f", LoRA r={r['lora']['rank']} on a {r['lora']['base_dtype']} base)"
+            if r["lora"]
+            else ")"
+        ),
         "tokens / step": f"{r['tokens_per_step']:,} = {b['grad_accum']} x {b['batch_size']} x "
         f"{b['seq']}",
         "per device": "  ".join(f"{k} {_gib(mem[k])}" for k in _MEM_KEYS if k != "aliased"),

@@ -24,6 +24,38 @@ from sevjax.config import Section, choice, positive
 WEIGHTING_PRESETS = ("uniform", "linear", "balanced")
 
 
+# LoRA target names (sevjax.lora): Llama-family projections, then GPT-2's
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "c_attn", "c_proj", "c_fc")
+LORA_TARGET_CHOICES = LORA_TARGETS + ("attn.c_proj", "mlp.c_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection(Section):
+    """LoRA adapters on the decoder projections; with ``rank`` > 0 only the adapters are trained,
+    the checkpoints hold them alone and the run exports a PEFT adapter plus the merged model."""
+
+    rank: int = 0  # r; 0 = off (full fine-tuning)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    targets: tuple[str, ...] = LORA_TARGETS  # projections; names another family lacks are ignored
+    base_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # storage of the frozen base weights
+    adapter: str | None = None  # a PEFT adapter dir to start from (same rank/alpha/targets)
+
+    def validate(self) -> None:
+        positive("model.lora.rank", self.rank, allow_zero=True)
+        positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError(
+                f"model.lora.targets must not be empty; choose from {LORA_TARGET_CHOICES}"
+            )
+        for t in self.targets:
+            choice("model.lora.targets", t, LORA_TARGET_CHOICES)
+        if self.adapter is not None and self.rank == 0:
+            raise ValueError("model.lora.adapter needs model.lora.rank > 0 (the adapter's r)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection(Section):
     """The LM: a pretrained checkpoint, or a random-init model of the given sizes."""
@@ -44,12 +76,15 @@ class ModelSection(Section):
     )
     attention: Literal["auto", "xla", "cudnn", "splash", "reference"] = "auto"  # kernel
     grad_barrier: bool = True  # XLA:CPU only: a gradient barrier between unrolled layers (faster)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
 
     def validate(self) -> None:
         for name in ("layers", "width", "heads", "vocab_size", "max_positions"):
             positive(f"model.{name}", getattr(self, name))
         if self.width % self.heads:
             raise ValueError(f"model.width={self.width} must be a multiple of heads={self.heads}")
+        if self.lora.adapter is not None and self.name_or_path is None:
+            raise ValueError("model.lora.adapter needs model.name_or_path (the adapter's base)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sevjax import hf, lm_data, models, prepare
+from sevjax import hf, lm_data, lora, models, peft, prepare
 from sevjax import loss as L
 from sevjax.config import to_dict
 from sevjax.logs import plot_curves
@@ -64,22 +64,40 @@ def model_config(cfg: TrainConfig, tokenizer: Any = None) -> Any:
     )
 
 
+def trainable(cfg: TrainConfig) -> Any:
+    """The trained-parameter filter: the LoRA adapters with ``model.lora.rank`` > 0, else all."""
+    return nnx.LoRAParam if cfg.model.lora.rank else nnx.Param
+
+
 def model_source(cfg: TrainConfig, config: Any, mesh: jax.sharding.Mesh | None) -> ModelSource:
-    """How to make the LM: random init from ``cfg.seed``, or the pretrained weights on ``mesh``."""
+    """How to make the LM: random init from ``cfg.seed``, or the pretrained weights on ``mesh``.
+
+    With LoRA (``model.lora.rank`` > 0) the base is stored in ``model.lora.base_dtype`` and gets
+    adapters (:func:`sevjax.lora.apply`): inside the factory for a random-init base, attached on
+    the mesh after loading a pretrained one, and set from ``model.lora.adapter`` when given.
+    """
     dtype = _dtype(cfg.model.dtype)
     options = model_options(cfg.model)
     cls = models.model_class(config)
+    spec = lora.spec_of(cfg.model.lora, cfg.model.name_or_path)
+    param_dtype = jnp.float32 if spec is None else _dtype(cfg.model.lora.base_dtype)
 
     def factory() -> nnx.Module:
-        kw = dict(dtype=dtype, param_dtype=jnp.float32, options=options)
-        return cls(config, **kw, rngs=nnx.Rngs(cfg.seed))
+        kw = dict(dtype=dtype, param_dtype=param_dtype, options=options)
+        model = cls(config, **kw, rngs=nnx.Rngs(cfg.seed))
+        return model if spec is None else lora.apply(model, spec, seed=cfg.seed)
 
     load = None
     if cfg.model.name_or_path is not None:
-        path = cfg.model.name_or_path
+        path, adapter = cfg.model.name_or_path, cfg.model.lora.adapter
 
         def load() -> nnx.Module:
-            return hf.load_pretrained(path, dtype=dtype, mesh=mesh, options=options)[0]
+            kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, options=options)
+            model = hf.load_pretrained(path, **kw)[0]
+            if spec is None:
+                return model
+            model = lora.apply_sharded(model, spec, seed=cfg.seed, mesh=mesh)
+            return model if adapter is None else peft.load_adapter(model, config, adapter)
 
     return ModelSource(factory, load)
 
@@ -120,6 +138,7 @@ class LMTask:
         self.train_rows, self.eval_rows = d.batch_size, cfg.eval.batch_size
         self.chunked, self.chunk_size = chunked, cfg.loss.chunk_size
         self.normalize, self.z_loss = cfg.loss.normalize, cfg.loss.z_loss
+        self.lora_dropout = cfg.model.lora.rank > 0 and cfg.model.lora.dropout > 0
         self.loss_label = "weighted CE" if cfg.loss.mode == "severity" else "CE"
 
     # traced ------------------------------------------------------------------------------
@@ -132,12 +151,13 @@ class LMTask:
             w, transpose = model.head()
             return out, L.chunked_severity_weighted_cross_entropy(
                 out, w, mb["labels"], mask, weights, chunk_size=self.chunk_size,
-                transpose_head=transpose, **lkw,
+                transpose_head=transpose, logit_softcap=model.final_logit_softcap, **lkw,
             )[1]  # fmt: skip
         return out, L.severity_weighted_cross_entropy(out, mb["labels"], mask, weights, **lkw)[1]
 
     def loss_sums(self, model, batch, rng):
-        del rng  # our decoders have no dropout
+        if self.lora_dropout:  # our decoders have no dropout of their own; LoRA's may
+            nnx.reseed(model, dropout=rng, policy="match_shape")  # stacked keys when scanned
         out, aux = self._loss(model, batch, batch["loss_mask"], batch["weights"])
         if not self.chunked:  # per-severity sums from the same logits (no extra vocabulary pass)
             nll = L.token_nll(jax.lax.stop_gradient(out), batch["labels"])  # (B, T)
@@ -159,7 +179,7 @@ class LMTask:
                 w, transpose = model.head()
                 aux = L.chunked_severity_weighted_cross_entropy(
                     out, w, batch["labels"], mask, ones, chunk_size=self.chunk_size,
-                    transpose_head=transpose, **lkw,
+                    transpose_head=transpose, logit_softcap=model.final_logit_softcap, **lkw,
                 )[1]  # fmt: skip
             else:
                 aux = L.severity_weighted_cross_entropy(out, batch["labels"], mask, ones, **lkw)[1]
@@ -250,6 +270,7 @@ def finetune(
     result = fit(
         task, model_source(cfg, config, mesh), run_dir=Path(cfg.run_dir), mesh=mesh,
         optim_cfg=cfg.optim, loop=loop, seed=cfg.seed, config=to_dict(cfg),
+        trainable=trainable(cfg),
     )  # fmt: skip
     metrics = Path(cfg.run_dir) / "metrics.jsonl"
     if jax.process_index() == 0 and cfg.log.plot and metrics.exists():
@@ -257,9 +278,22 @@ def finetune(
     return result
 
 
-def export(result: Fit, config: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """The export stage: the fine-tuned (or best) model and its tokenizer in HF format."""
-    return hf.save_pretrained(result.model, config, out_dir, tokenizer=tokenizer)
+def export(result: Fit, config: Any, tokenizer: Any, run_dir: Path) -> dict[str, str]:
+    """The export stage: the fine-tuned (or best) model and its tokenizer in HF format.
+
+    Writes ``<run_dir>/hf``; a LoRA run also writes its PEFT adapter to ``<run_dir>/adapter``
+    and exports the merged model (``W + alpha / r * A B``) to ``hf``. Every process takes part
+    (tensors are gathered one at a time); process 0 writes.
+
+    Returns:
+        ``{"hf": path}`` (and ``"adapter"``) as strings.
+    """
+    model, out = result.model, {}
+    if lora.has_lora(model):
+        out["adapter"] = str(peft.save_adapter(model, config, Path(run_dir) / "adapter"))
+        model = lora.merged(model)
+    out["hf"] = str(hf.save_pretrained(model, config, Path(run_dir) / "hf", tokenizer=tokenizer))
+    return out
 
 
 def summary(cfg: TrainConfig, result: Fit, t_begin: float, outputs: dict[str, str]) -> dict:

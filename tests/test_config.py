@@ -8,10 +8,12 @@ import pytest
 from sevjax.config import describe, from_dict, load, to_dict
 from sevjax.schema import TrainConfig
 
-CONFIGS = [
-    Path(__file__).parents[1] / "configs" / f
-    for f in ("tiny.yaml", "aragpt2-base.yaml", "aragpt2-medium.yaml", "qwen2.5-0.5b.yaml")
-]
+# every train config shipped (the classifier's and compare's have their own schemas)
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+    if p.name != "classify.yaml" and not p.name.startswith("compare-")
+)
 
 
 def test_defaults_are_valid_and_round_trip_through_json():
@@ -127,3 +129,16 @@ def test_shipped_configs_load_and_document_their_command(path):
 def test_tiny_yaml_is_the_default():
     tiny = Path(__file__).parents[1] / "configs" / "tiny.yaml"
     assert load(TrainConfig, tiny) == load(TrainConfig)
+
+
+@pytest.mark.parametrize(
+    "name", [p.name for p in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))]
+)
+def test_every_shipped_config_loads_with_its_schema(name):
+    from sevjax.schema import ClassifyConfig, CompareConfig
+
+    path = Path(__file__).parents[1] / "configs" / name
+    schema = ClassifyConfig if name == "classify.yaml" else TrainConfig
+    schema = CompareConfig if name.startswith("compare-") else schema
+    load(schema, path)
+    assert "python " in path.read_text().splitlines()[0]  # opens with its run command

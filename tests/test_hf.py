@@ -258,3 +258,34 @@ def test_read_config_needs_only_config_json_and_abstract_model(ckpts, tmp_path):
         )
         leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
         assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def test_legacy_layernorm_gamma_beta_names_load_like_transformers(tmp_path):
+    """Old BERT checkpoints (bert-base-multilingual-cased) name LayerNorm weights ``gamma`` /
+    ``beta``; transformers renames them on load, and so does our importer (safetensors and .bin)."""
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    tm = fx.randomize(transformers.BertForSequenceClassification(config))
+    tm.save_pretrained(tmp_path / "new")
+    expected = params(hf.load_pretrained(tmp_path / "new")[0])
+    tensors = load_file(tmp_path / "new" / "model.safetensors")
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in tensors.items()
+    }
+    assert sum(k.endswith(("LayerNorm.gamma", "LayerNorm.beta")) for k in legacy) == 6
+    for name in ("safetensors", "bin"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+        if name == "safetensors":
+            save_file(legacy, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        else:
+            state = {k: torch.from_numpy(v) for k, v in legacy.items()}
+            torch.save(state, tmp_path / name / "pytorch_model.bin")
+        got = params(hf.load_pretrained(tmp_path / name)[0])
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[k], expected[k]) for k in expected), name

@@ -1,6 +1,7 @@
 """Model families and the registry that dispatches on HF ``model_type``.
 
-``gpt2`` -> :mod:`sevjax.models.gpt2`; ``llama``, ``mistral``, ``qwen2`` -> :mod:`sevjax.models.llama`;
+``gpt2`` -> :mod:`sevjax.models.gpt2`; ``llama``, ``mistral``, ``qwen2``, ``qwen3`` ->
+:mod:`sevjax.models.llama`; ``gemma2``, ``gemma3_text`` -> :mod:`sevjax.models.gemma`;
 ``bert`` -> :mod:`sevjax.models.bert`. Family modules are imported lazily so that one family's
 absence or import cost never affects another. Shared pieces: :mod:`~sevjax.models.layers`
 (dense, norms, RoPE), :mod:`~sevjax.models.attention` (masks and kernels),
@@ -24,7 +25,16 @@ from flax import nnx
 from sevjax.models.options import ModelOptions
 from sevjax.sharding import create_sharded
 
-SUPPORTED_MODEL_TYPES = ("bert", "gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = (
+    "bert",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+)
 
 
 def family(model_type: str) -> ModuleType:
@@ -37,10 +47,14 @@ def family(model_type: str) -> ModuleType:
         from sevjax.models import gpt2
 
         return gpt2
-    if model_type in ("llama", "mistral", "qwen2"):
+    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
         from sevjax.models import llama
 
         return llama
+    if model_type in ("gemma2", "gemma3_text"):
+        from sevjax.models import gemma
+
+        return gemma
     if model_type == "bert":
         from sevjax.models import bert
 
@@ -56,6 +70,8 @@ def _classes(module: ModuleType) -> tuple[type, type]:
         return module.GPT2Config, module.GPT2LMHeadModel
     if module.__name__.endswith(".llama"):
         return module.LlamaConfig, module.LlamaForCausalLM
+    if module.__name__.endswith(".gemma"):
+        return module.GemmaConfig, module.GemmaForCausalLM
     return module.BertConfig, module.BertForSequenceClassification
 
 
@@ -94,7 +110,7 @@ def build(
     sharded when ``mesh`` is set.
 
     Args:
-        config: a GPT2Config / LlamaConfig / BertConfig.
+        config: a GPT2Config / LlamaConfig / GemmaConfig / BertConfig.
         seed: seed of the ``params`` (and ``dropout``) streams.
         dtype: compute dtype.
         param_dtype: storage dtype of the parameters.

@@ -15,7 +15,9 @@ each kernel expresses the same mask its own way:
 
 :func:`select_implementation` is a pure function of the request, the target backend, dtype and
 shapes (tested without accelerators). Fallbacks go to "xla", or to "reference" when attention
-probabilities need dropout (BERT training), which no fused kernel applies.
+probabilities need dropout (BERT training) or the scores are soft-capped (Gemma 2,
+``cap * tanh(s / cap)``), which ``jax.nn.dot_product_attention`` (xla, cudnn) cannot apply; splash
+applies the cap itself.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def select_implementation(
     head_dim: int,
     aligned: bool,
     dropout: bool = False,
+    softcap: bool = False,
 ) -> tuple[str, str | None]:
     """The kernel that serves one attention call.
 
@@ -93,6 +96,7 @@ def select_implementation(
         q_len: T. kv_len: S. head_dim: H.
         aligned: self-attention without a cache (see :class:`AttentionMask`).
         dropout: attention probabilities need dropout.
+        softcap: the scores are soft-capped (only "reference" and "splash" apply a cap).
 
     Returns:
         (implementation, reason it differs from the request or None).
@@ -106,15 +110,17 @@ def select_implementation(
         return "reference", None
     if dropout:
         return "reference", "attention-probability dropout needs the reference path"
-    if requested == "xla":
-        return "xla", None
-    cudnn_why = _cudnn_unsupported(backend, dtype, q_len, kv_len, head_dim)
-    splash_why = _splash_unsupported(backend, requested, q_len, kv_len, aligned)
+    impl, why = "xla", None
     if requested == "cudnn" or (requested == "auto" and backend == "gpu"):
-        return ("cudnn", None) if cudnn_why is None else ("xla", cudnn_why)
-    if requested == "splash" or (requested == "auto" and backend == "tpu"):
-        return ("splash", None) if splash_why is None else ("xla", splash_why)
-    return "xla", None
+        why = _cudnn_unsupported(backend, dtype, q_len, kv_len, head_dim)
+        impl = "cudnn" if why is None else "xla"
+    elif requested == "splash" or (requested == "auto" and backend == "tpu"):
+        why = _splash_unsupported(backend, requested, q_len, kv_len, aligned)
+        impl = "splash" if why is None else "xla"
+    if softcap and impl != "splash":
+        cap_why = f"logit soft-capping needs the reference path ({impl} has no soft-cap)"
+        return "reference", cap_why if why is None else f"{why}; {cap_why}"
+    return impl, why
 
 
 def _cudnn_unsupported(backend, dtype, q_len, kv_len, head_dim) -> str | None:
@@ -139,6 +145,11 @@ def _splash_unsupported(backend, requested, q_len, kv_len, aligned) -> str | Non
     return None
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma's logit soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 @functools.cache
 def _warn_once(requested: str, chosen: str, reason: str) -> None:
     log.warning("attention=%r falls back to %r: %s", requested, chosen, reason)
@@ -152,6 +163,7 @@ def attend(
     *,
     dtype: Dtype = jnp.float32,
     scale: float | jax.Array | None = None,
+    softcap: float | None = None,
     probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Multi-head / grouped-query attention through the kernel chosen for this call.
@@ -163,6 +175,8 @@ def attend(
         mask: the :class:`AttentionMask` of this forward pass.
         dtype: compute dtype; softmax statistics are float32 in every kernel.
         scale: score scale (a float, or a traced scalar), default ``1/sqrt(H)``.
+        softcap: logit soft-cap: scaled scores become ``cap * tanh(s / cap)`` before the mask
+          (Gemma 2); None for none.
         probs_dropout: an ``nnx.Dropout`` for the attention probabilities (BERT); when it is
           active the reference path is used.
 
@@ -181,14 +195,16 @@ def attend(
         head_dim=h,
         aligned=mask.aligned,
         dropout=active,
+        softcap=softcap is not None,
     )
     if why is not None and mask.implementation not in ("auto", impl):
         _warn_once(mask.implementation, impl, why)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     if impl == "reference":
         return reference_attention(
-            q, k, v, mask.dense, dtype=dtype, scale=scale, probs_dropout=probs_dropout
-        )
+            q, k, v, mask.dense, dtype=dtype, scale=scale, softcap=softcap,
+            probs_dropout=probs_dropout,
+        )  # fmt: skip
     if not isinstance(scale, float | int):  # fused kernels take a static scale
         q = (q * scale).astype(dtype)
         scale = 1.0
@@ -203,6 +219,7 @@ def attend(
             causal=mask.causal,
             window=mask.window,
             scale=float(scale),
+            softcap=softcap,
             interpret=target_backend() != "tpu",
         )
     local = (mask.window - 1, 0) if mask.window is not None and mask.aligned else None
@@ -231,6 +248,7 @@ def reference_attention(
     *,
     dtype: Dtype = jnp.float32,
     scale: float | jax.Array | None = None,
+    softcap: float | None = None,
     probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Multi-head attention with grouped KV heads and a float32 softmax (the parity baseline).
@@ -243,6 +261,7 @@ def reference_attention(
           A row with no True entry gets uniform weights (never NaN).
         dtype: compute dtype of the two matmuls and the output.
         scale: score scale, default ``1/sqrt(H)``.
+        softcap: scaled scores become ``softcap * tanh(s / softcap)`` before the mask, or None.
         probs_dropout: applied to the attention probabilities (BERT's attention dropout).
 
     Returns:
@@ -258,6 +277,8 @@ def reference_attention(
         "btkgh,bskh->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32
     )  # (B, K, G, T, S)
     scores = scores * jnp.asarray(scale, jnp.float32)
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # (B, 1, 1, T, S)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)

@@ -1,6 +1,6 @@
 """The decoder-only LM shared by every causal family: embed -> L blocks -> final norm -> head.
 
-A family (``gpt2.py``, ``llama.py``; Gemma or Qwen3 next) subclasses :class:`CausalLM` and, in
+A family (``gpt2.py``, ``llama.py``, ``gemma.py``) subclasses :class:`CausalLM` and, in
 its ``__init__``, sets ``config``, ``dtype``, ``options``, its embedding modules, ``self.layers =
 stack.make_layers(make_block, L, options=..., rngs=...)``, its final norm and ``lm_head`` (a
 ``Dense`` [D, V] or None when tied). It then defines four small hooks and two attributes:
@@ -9,13 +9,16 @@ stack.make_layers(make_block, L, options=..., rngs=...)``, its final norm and ``
 - ``embed(input_ids, positions)`` -> x [B, T, D] (token + learned positions, scaling, ...);
 - ``final_norm(x)`` -> [B, T, D];
 - ``kv_heads_and_dim`` (property): (K, H) of the KV cache;
-- optionally ``sliding_window`` (int or None) and ``max_positions`` (length check).
+- optionally ``sliding_window`` (int or None), ``local_layers`` (a per-layer tuple of bools:
+  which layers use the window, for models that alternate local and global layers; None = every
+  layer when ``sliding_window`` is set), ``final_logit_softcap`` (Gemma's ``cap * tanh(z / cap)``
+  on the logits) and ``max_positions`` (length check).
 
 Its block follows the stack convention ``block(x, ctx, cache, layer) -> (x, cache)`` with ``ctx``
-a :class:`DecoderContext`; attention inside the block calls
-:func:`sevjax.models.attention.attend` with ``ctx.mask`` and, with a cache, writes its keys and
-values with :func:`update_cache` at ``ctx.cache_index``. Everything else here is shared: input
-checks, masks and positions, the scanned/unrolled loop, KV cache layout, logits.
+a :class:`DecoderContext`; attention inside the block calls :func:`attend_layer` (the layer's
+mask, then :func:`sevjax.models.attention.attend`) and, with a cache, writes its keys and values
+with :func:`update_cache` at ``ctx.cache_index``. Everything else here is shared: input checks,
+masks and positions, the scanned/unrolled loop, KV cache layout, logits and their soft-cap.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sevjax.models import attention, stack
@@ -36,7 +40,7 @@ from sevjax.models.options import ModelOptions
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("positions", "mask", "cache_index"),
+    data_fields=("positions", "mask", "cache_index", "local_mask"),
     meta_fields=(),
 )
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +49,57 @@ class DecoderContext:
 
     Attributes:
         positions: [B, T] int32 position ids.
-        mask: the call's :class:`AttentionMask`.
+        mask: the call's :class:`AttentionMask` (of the global layers when they are mixed).
         cache_index: scalar int32, first cache slot written by this call (None without cache).
+        local_mask: the sliding-window mask of the local layers when a model mixes local and
+          global layers (Gemma 2/3, Qwen3 ``max_window_layers``), else None.
     """
 
     positions: jax.Array
     mask: AttentionMask
     cache_index: jax.Array | None = None
+    local_mask: AttentionMask | None = None
+
+
+def layer_flag(flags: tuple[bool, ...] | None, layer: int | jax.Array) -> bool | jax.Array:
+    """``flags[layer]``: a Python bool for an unrolled layer, a traced bool when scanned."""
+    if flags is None:
+        return False
+    if isinstance(layer, int):
+        return flags[layer]
+    return jnp.asarray(np.asarray(flags, bool))[layer]
+
+
+def attend_layer(
+    q: jax.Array, k: jax.Array, v: jax.Array, ctx: DecoderContext, local: bool | jax.Array, **kw
+) -> jax.Array:
+    """:func:`sevjax.models.attention.attend` with this layer's mask.
+
+    ``ctx.local_mask`` for a local layer of a model that mixes both kinds, ``ctx.mask`` otherwise.
+    A scanned layer's ``local`` is traced: a ``lax.cond`` then picks one of the two calls, so each
+    kernel keeps its static mask structure (cuDNN's and splash's sliding windows).
+
+    Args:
+        q: [B, T, N, H]. k, v: [B, S, K, H].
+        ctx: the call's context.
+        local: this layer uses the sliding window (:func:`layer_flag`).
+        **kw: ``attend``'s keyword arguments (dtype, scale, softcap).
+
+    Returns:
+        [B, T, N, H].
+    """
+    if ctx.local_mask is None:
+        return attention.attend(q, k, v, ctx.mask, **kw)
+    if isinstance(local, bool | np.bool_):
+        return attention.attend(q, k, v, ctx.local_mask if local else ctx.mask, **kw)
+    return jax.lax.cond(
+        local,
+        lambda q, k, v: attention.attend(q, k, v, ctx.local_mask, **kw),
+        lambda q, k, v: attention.attend(q, k, v, ctx.mask, **kw),
+        q,
+        k,
+        v,
+    )
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -104,6 +152,8 @@ class CausalLM(nnx.Module):
     layers: nnx.Module
     lm_head: Dense | None
     sliding_window: int | None = None
+    local_layers: tuple[bool, ...] | None = None
+    final_logit_softcap: float | None = None
     max_positions: int | None = None
 
     # ------------------------------------------------------------------ hooks (per family)
@@ -123,10 +173,30 @@ class CausalLM(nnx.Module):
 
     # ------------------------------------------------------------------------------ shared
     def head(self) -> tuple[jax.Array, bool]:
-        """``(w, transpose_head)``: tied embedding [V, D] (True) or ``lm_head`` [D, V] (False)."""
+        """``(w, transpose_head)``: tied embedding [V, D] (True) or ``lm_head`` [D, V] (False).
+
+        The logits are ``hidden @ w`` soft-capped by ``final_logit_softcap``: :meth:`logits`.
+        """
         if self.lm_head is None:
             return self.token_embedding.embedding[...], True
         return self.lm_head.kernel[...], False
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Logits [..., V] float32 of final hidden states [..., D], soft-capped when the model
+        has a ``final_logit_softcap``."""
+        return attention.soft_cap(project_logits(hidden, *self.head()), self.final_logit_softcap)
+
+    def _context(self, key_valid, positions, *, q_index=None, segment_ids=None, cache_index=None):
+        """The call's :class:`DecoderContext`: one mask, or a global and a local one."""
+        local = self.local_layers
+        window = self.sliding_window
+        mixed = window is not None and local is not None and any(local) and not all(local)
+        if local is not None and not any(local):
+            window = None
+        kw = dict(q_index=q_index, segment_ids=segment_ids, implementation=self.options.attention)
+        mask = attention.causal_mask(key_valid, window=None if mixed else window, **kw)
+        local_mask = attention.causal_mask(key_valid, window=window, **kw) if mixed else None
+        return DecoderContext(positions.astype(jnp.int32), mask, cache_index, local_mask)
 
     def _trunk(self, input_ids, ctx: DecoderContext, cache=None):
         x = self.embed(input_ids, ctx.positions)  # (B, T, D)
@@ -164,13 +234,7 @@ class CausalLM(nnx.Module):
         if segment_ids is not None:
             valid = valid * (segment_ids != 0)
         positions = default_positions(valid) if position_ids is None else position_ids
-        mask = attention.causal_mask(
-            valid,
-            segment_ids=segment_ids,
-            window=self.sliding_window,
-            implementation=self.options.attention,
-        )
-        ctx = DecoderContext(positions.astype(jnp.int32), mask)
+        ctx = self._context(valid, positions, segment_ids=segment_ids)
         return self._trunk(input_ids, ctx)[0]
 
     def __call__(
@@ -181,9 +245,11 @@ class CausalLM(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, T, V] in float32 whatever the compute dtype (arguments as ``hidden``)."""
-        h = self.hidden(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
-        return project_logits(h, *self.head())
+        """Logits [B, T, V] in float32 whatever the compute dtype (arguments as ``hidden``),
+        soft-capped when the model has a ``final_logit_softcap``."""
+        return self.logits(
+            self.hidden(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
+        )
 
     def init_cache(self, batch_size: int, max_len: int) -> Any:
         """Zeroed KV cache in the compute dtype.
@@ -218,11 +284,7 @@ class CausalLM(nnx.Module):
         Returns:
             (hidden [B, T, D], updated cache).
         """
-        mask = attention.causal_mask(
-            key_valid,
-            q_index=index + jnp.arange(input_ids.shape[1]),
-            window=self.sliding_window,
-            implementation=self.options.attention,
-        )
-        ctx = DecoderContext(positions.astype(jnp.int32), mask, jnp.asarray(index, jnp.int32))
+        index = jnp.asarray(index, jnp.int32)
+        q_index = index + jnp.arange(input_ids.shape[1])
+        ctx = self._context(key_valid, positions, q_index=q_index, cache_index=index)
         return self._trunk(input_ids, ctx, cache)

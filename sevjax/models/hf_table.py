@@ -17,6 +17,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.*)$")
+# TF-era names that transformers renames on load (its "legacy" WeightRenaming rules), e.g. in
+# bert-base-multilingual-cased
+LEGACY_RENAMES = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
 
 
 class HFParam(NamedTuple):
@@ -35,6 +38,14 @@ class HFParam(NamedTuple):
     path: str
     transpose: bool = False
     hf_shape: tuple[int, ...] | None = None
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key with :data:`LEGACY_RENAMES` applied (``x.LayerNorm.gamma`` ->
+    ``x.LayerNorm.weight``)."""
+    for old, new in LEGACY_RENAMES:
+        key = key.replace(old, new)
+    return key
 
 
 def locate(path: str, params: dict[str, Any]) -> tuple[str, int | None]:

@@ -55,6 +55,11 @@ class Dense(nnx.Module):
 
     ``in_features`` / ``out_features`` are ints or tuples (e.g. ``(N, H)`` for per-head
     projections); ``axes`` names every kernel dimension, the bias [*out] takes the ``out`` names.
+
+    Optional LoRA branch (attached by :func:`sevjax.lora.apply`, None by default): ``lora`` is an
+    ``nnx.LoRA`` over the flattened dims (A [prod(in), r], B [r, prod(out)]) and the output gains
+    ``lora_scale * dropout(x_flat) @ A @ B`` reshaped to [..., *out], as PEFT computes it
+    (``lora_dropout`` an ``nnx.Dropout`` or None).
     """
 
     def __init__(
@@ -76,19 +81,33 @@ class Dense(nnx.Module):
         self.kernel = param(normal(rngs, ins + outs, std, param_dtype), tuple(axes))
         bias_axes = tuple(axes)[len(ins) :]
         self.bias = param(jnp.zeros(outs, param_dtype), bias_axes) if use_bias else None
+        self.lora: nnx.LoRA | None = nnx.data(None)  # data: a module may be attached later
+        self.lora_dropout: nnx.Dropout | None = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Args: x [..., *in]. Returns [..., *out] in the compute dtype."""
         x = jnp.asarray(x, self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        if self.n_in == 1 and kernel.ndim == 2:
-            y = x @ kernel  # (..., out)
-        else:
-            contract = tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))
-            y = jax.lax.dot_general(x, kernel, (contract, ((), ())))  # (..., *out)
+        ins, outs = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+        lead = x.shape[: x.ndim - self.n_in]
+        # one 2-D matmul: XLA:CPU differentiates a dot contracting the leading (B, T) dims
+        # several times slower; on other backends the reshapes are free
+        y = x.reshape(-1, math.prod(ins)) @ kernel.reshape(math.prod(ins), math.prod(outs))
+        y = y.reshape(*lead, *outs)  # (..., *out)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self._lora(x, kernel.shape)
         return y
+
+    def _lora(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """``lora_scale * lora(dropout(x))`` [..., *out], with ``nnx.LoRA`` applied to x flattened
+        to [B*T, prod(in)]: XLA:CPU computes the gradient of a dot that contracts two leading dims
+        (B, T) several times slower than that of a 2-D matmul."""
+        h = x if self.lora_dropout is None else self.lora_dropout(x)
+        out = self.lora(h.reshape(-1, self.lora.in_features)) * self.lora_scale  # (B*T, prod(out))
+        return out.reshape(*x.shape[: x.ndim - self.n_in], *shape[self.n_in :])  # (..., *out)
 
 
 class Embed(nnx.Module):

@@ -1,11 +1,14 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/Qwen2.5) in Flax NNX, laid out like HF.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/Qwen2.5, Qwen3) in Flax NNX, laid out like HF.
 
 RMSNorm, RoPE (theta and HF ``rope_scaling`` types "default", "linear", "llama3"), grouped-query
 attention, SwiGLU MLP, tied or untied LM head, on the shared decoder
 (:class:`sevjax.models.decoder.CausalLM`). Variants differ only in config: Qwen2 has q/k/v
-biases (no o_proj bias), Llama's ``attention_bias`` puts a bias on q/k/v/o, Mistral may have a
-uniform sliding window. Kernels are [in, out] with heads as their own dimension (q [D, N, H],
-k/v [D, K, H], o [N, H, D]); the HF table transposes and reshapes torch's ``nn.Linear`` weights.
+biases (no o_proj bias), Llama's and Qwen3's ``attention_bias`` puts a bias on q/k/v/o, Mistral
+may have a uniform sliding window, Qwen3 normalizes q and k per head (RMSNorm over ``head_dim``,
+before RoPE), has an explicit ``head_dim`` and may slide a window over the layers from
+``max_window_layers`` on (``layer_types``). Kernels are [in, out] with heads as their own dimension
+(q [D, N, H], k/v [D, K, H], o [N, H, D]); the HF table transposes and reshapes torch's
+``nn.Linear`` weights.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models import attention, decoder, layers, stack
+from sevjax.models import decoder, layers, stack
 from sevjax.models.decoder import DecoderContext, update_cache
 from sevjax.models.hf_table import HFParam
 from sevjax.models.layers import Dense, Dtype, Embed, RMSNorm
 from sevjax.models.options import ModelOptions, resolve
+from sevjax.sharding import param
 
 HF_BASE_PREFIX = "model."
 HF_IGNORE = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
@@ -30,14 +34,17 @@ HF_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 _NULLABLE = ("sliding_window", "bos_token_id", "eos_token_id", "pad_token_id")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Hyper-parameters with HF names. ``rope_scaling`` is a sorted tuple of (key, value) pairs
-    (hashable) of the HF dict without ``rope_theta``, or None for plain RoPE."""
+    (hashable) of the HF dict without ``rope_theta``, or None for plain RoPE. ``layer_types``
+    (Qwen3 only) says which layers use ``sliding_window``; None = every layer when it is set."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -56,6 +63,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -77,6 +85,18 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if self.model_type != "qwen3":
+                raise ValueError(f"layer_types is a Qwen3 option, not {self.model_type}'s")
+            bad = set(self.layer_types) - set(LAYER_TYPES)
+            if len(self.layer_types) != self.num_hidden_layers or bad:
+                raise ValueError(
+                    f"layer_types must be {self.num_hidden_layers} entries of {LAYER_TYPES}, "
+                    f"got {list(self.layer_types)}"
+                )
+            if self.sliding_window is None and "sliding_attention" in self.layer_types:
+                raise ValueError("layer_types has sliding_attention layers but no sliding_window")
         layers.activation(self.hidden_act)
         layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)
         if isinstance(self.eos_token_id, list):
@@ -94,8 +114,20 @@ class LlamaConfig:
 
     @property
     def o_bias(self) -> bool:
-        """o_proj has a bias (Llama ``attention_bias`` only; never for Qwen2)."""
+        """o_proj has a bias (Llama/Qwen3 ``attention_bias`` only; never for Qwen2)."""
         return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """q and k are RMS-normalized per head before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
+
+    @property
+    def local_layers(self) -> tuple[bool, ...] | None:
+        """Per layer: uses the sliding window (Qwen3 ``layer_types``); None = uniform."""
+        if self.layer_types is None:
+            return None
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -106,6 +138,8 @@ class LlamaConfig:
             ValueError: for an unsupported ``model_type``, rope type, or Qwen2 sliding windows.
         """
         model_type = d.get("model_type", "llama")
+        if model_type == "qwen3":
+            d = _qwen3_windows(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
         kw = {k: v for k, v in d.items() if k in names and (v is not None or k in _NULLABLE)}
         kw["model_type"] = model_type
@@ -124,6 +158,8 @@ class LlamaConfig:
                 raise ValueError("Qwen2 use_sliding_window=true is not supported")
         if model_type == "llama":
             kw.pop("sliding_window", None)
+        if model_type != "qwen3":
+            kw.pop("layer_types", None)
         return cls(**kw)
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -141,10 +177,32 @@ class LlamaConfig:
             for k in ("attention_bias", "mlp_bias", "sliding_window"):
                 d.pop(k)
             d["use_sliding_window"] = False
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             d.pop("sliding_window")
+        if self.model_type == "qwen3":
+            d.pop("mlp_bias")
+            types = self.layer_types or ("full_attention",) * self.num_hidden_layers
+            d.update(use_sliding_window=self.layer_types is not None, layer_types=list(types))
+            d["sliding_window"] = self.sliding_window
+        else:
+            d.pop("layer_types")
         d["architectures"] = [HF_ARCHITECTURE[self.model_type]]
         return d
+
+
+def _qwen3_windows(d: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen3 config dict with ``sliding_window`` / ``layer_types`` resolved as HF does: the
+    window applies only with ``use_sliding_window``, to the layers from ``max_window_layers`` on
+    unless ``layer_types`` says otherwise; both None when every layer is global."""
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None
+    types = d.get("layer_types") if window is not None else None
+    if window is not None and types is None:
+        first = d.get("max_window_layers", 28)
+        n = d.get("num_hidden_layers", LlamaConfig.num_hidden_layers)
+        types = [LAYER_TYPES[i < first] for i in range(n)]
+    if types is None or all(t == "full_attention" for t in types):
+        window, types = None, None
+    return {**d, "sliding_window": window, "layer_types": types}
 
 
 def hf_param_table(config: LlamaConfig) -> list[HFParam]:
@@ -169,6 +227,8 @@ def hf_param_table(config: LlamaConfig) -> list[HFParam]:
     for i in range(config.num_hidden_layers):
         pre, ours = f"{p}layers.{i}.", f"layers.{i}."
         table.append(HFParam(pre + "input_layernorm.weight", ours + "input_layernorm.scale"))
+        for name in ("self_attn.q_norm", "self_attn.k_norm") if config.qk_norm else ():
+            table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.scale"))
         for name, bias, shape in projections:
             table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.kernel", True, shape))
             if bias:
@@ -185,8 +245,17 @@ def hf_param_table(config: LlamaConfig) -> list[HFParam]:
     return table
 
 
+class HeadRMSNorm(RMSNorm):
+    """Llama-style RMSNorm over the head dimension (Qwen3's q/k norms): ``scale`` [H] carries
+    the ``head_dim`` logical axis."""
+
+    def __init__(self, features: int, *, eps: float, dtype: Dtype, param_dtype: Dtype):
+        super().__init__(features, eps=eps, dtype=dtype, param_dtype=param_dtype)
+        self.scale = param(jnp.ones((features,), param_dtype), ("head_dim",))
+
+
 class LlamaAttention(nnx.Module):
-    """Grouped-query attention with RoPE on q and k."""
+    """Grouped-query attention with RoPE on q and k (Qwen3: q/k RMS-normalized per head first)."""
 
     def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs):
         d, n, k, h = (
@@ -203,19 +272,26 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Dense(d, (k, h), axes=kv_axes, use_bias=qkv_bias, **kw)
         o_axes = ("heads", "head_dim", "embed")
         self.o_proj = Dense((n, h), d, axes=o_axes, use_bias=config.o_bias, **kw)
+        norm_kw = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = HeadRMSNorm(h, **norm_kw) if config.qk_norm else None
+        self.k_norm = HeadRMSNorm(h, **norm_kw) if config.qk_norm else None
         inv_freq = layers.rope_inv_freq(h, config.rope_theta, config.rope_scaling_dict)
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, hashable
+        self.local = config.local_layers
         self.dtype = dtype
 
     def __call__(self, x, ctx: DecoderContext, cache, layer):
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = layers.apply_rope(self.q_proj(x), ctx.positions, inv_freq)  # (B, T, N, H)
-        k = layers.apply_rope(self.k_proj(x), ctx.positions, inv_freq)  # (B, T, K, H)
-        v = self.v_proj(x)  # (B, T, K, H)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, N|K, H)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = layers.apply_rope(q, ctx.positions, inv_freq)  # (B, T, N, H)
+        k = layers.apply_rope(k, ctx.positions, inv_freq)  # (B, T, K, H)
         if cache is not None:
             cache = update_cache(cache, k, v, ctx.cache_index)
             k, v = cache
-        out = attention.attend(q, k, v, ctx.mask, dtype=self.dtype)  # (B, T, N, H)
+        local = decoder.layer_flag(self.local, layer)
+        out = decoder.attend_layer(q, k, v, ctx, local, dtype=self.dtype)  # (B, T, N, H)
         return self.o_proj(out), cache  # (B, T, D)
 
 
@@ -258,7 +334,7 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(decoder.CausalLM):
-    """Llama/Mistral/Qwen2 causal LM.
+    """Llama/Mistral/Qwen2/Qwen3 causal LM.
 
     Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
     [B, T, V] float32; ``hidden`` gives the final hidden states and ``head`` the output
@@ -285,6 +361,7 @@ class LlamaForCausalLM(decoder.CausalLM):
         self.dtype = dtype
         self.options = resolve(options)
         self.sliding_window = config.sliding_window
+        self.local_layers = config.local_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         d, v = config.hidden_size, config.vocab_size
         self.embed_tokens = Embed(v, d, std=config.initializer_range, **kw, rngs=rngs)

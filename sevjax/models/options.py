@@ -25,7 +25,9 @@
     "auto"      cudnn on GPU and splash on TPU where they apply, otherwise xla.
     A kernel that cannot serve a call (decode step, odd length, float32 on cuDNN, attention-
     probability dropout) falls back to "xla" ("reference" under dropout), with one warning
-    when the kernel was asked for explicitly.
+    when the kernel was asked for explicitly. Attention-logit soft-capping (Gemma 2) has no
+    ``jax.nn.dot_product_attention`` form: such layers use "reference", or "splash" on TPU,
+    which applies the cap itself.
 ``grad_barrier``
     XLA:CPU only: route each block's residual gradient through a barrier between unrolled
     blocks (see :func:`sevjax.models.stack.grad_barrier`); ignored when scanned and on other

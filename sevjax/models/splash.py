@@ -10,8 +10,6 @@ Pallas interpret mode (slow; it exists so that CPU tests can check the numerics)
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -29,6 +27,7 @@ def splash_attention(
     causal: bool,
     window: int | None,
     scale: float,
+    softcap: float | None = None,
     interpret: bool,
 ) -> jax.Array:
     """Self-attention through splash.
@@ -38,6 +37,7 @@ def splash_attention(
         segments: [B, T] int segment id of each token (0 = padding).
         causal: causal static mask. window: sliding window (with ``causal``) or None.
         scale: score scale.
+        softcap: logit soft-cap ``cap * tanh(s / cap)`` of the scaled scores, or None.
         interpret: run the kernel in Pallas interpret mode (non-TPU targets).
 
     Returns:
@@ -50,7 +50,7 @@ def splash_attention(
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N|K, T, H)
 
     def local(q, k, v, seg):
-        kernel = _kernel(q.shape[1], t, causal, window, interpret)
+        kernel = _kernel(q.shape[1], t, causal, window, softcap, interpret)
 
         def one(q, k, v, s):
             return kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))
@@ -74,9 +74,8 @@ def splash_attention(
     return out.transpose(0, 2, 1, 3)  # (B, T, N, H)
 
 
-@functools.cache
-def _kernel(heads: int, seq: int, causal: bool, window: int | None, interpret: bool):
-    """A splash kernel for ``heads`` query heads over a [seq, seq] static mask (cached)."""
+def _kernel(heads: int, seq: int, causal: bool, window: int | None, softcap, interpret: bool):
+    """A splash kernel for ``heads`` query heads over a [seq, seq] static mask."""
     shape = (seq, seq)
     if causal and window is not None:
         one = sm.LocalMask(shape, window_size=(window - 1, 0), offset=0)
@@ -95,10 +94,14 @@ def _kernel(heads: int, seq: int, causal: bool, window: int | None, interpret: b
         block_q_dq=block,
         block_kv_dq=block,
     )
+    # Built inside the trace that uses it, never cached across traces: its mask tables become
+    # that program's constants (a cached kernel built under one trace would leak its tracers into
+    # the next, and building it eagerly fails for compile-only TPU devices in `train.py plan`).
     return sk.make_splash_mha(
         sm.MultiHeadMask([one] * heads),
         head_shards=1,
         q_seq_shards=1,
         block_sizes=sizes,
+        attn_logits_soft_cap=softcap,
         interpret=interpret,
     )
