@@ -252,17 +252,14 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed["temperature"] == pytest.approx(whole["temperature"], abs=1e-6)
 
 
-def test_out_of_fold_annotation(tmp_path):
+def test_out_of_fold_annotation(trained, tmp_path):
     """folds=2: each training example is annotated by the fold model that never saw it."""
-    args = [
-        f"run_dir={tmp_path / 'c'}",
-        *TINY,
-        "epochs=2",
-        "folds=2",
-        f"output={tmp_path / 'a.jsonl'}",
-    ]
+    import shutil
+
+    full = tmp_path / "c"  # the module's trained classifier is the full model (a copy)
+    shutil.copytree(trained[0].run_dir, full, ignore=shutil.ignore_patterns("folds"))
+    args = [f"run_dir={full}", *TINY, "epochs=2", "folds=2", f"output={tmp_path / 'a.jsonl'}"]
     cfg = load(ClassifyConfig, None, args)
-    C.run(cfg)
     out = A.annotate(cfg)
     rows = {r["id"]: r for r in map(json.loads, out.read_text("utf-8").splitlines())}
     assignment = C.fold_assignment(cfg, 2)
