@@ -47,7 +47,10 @@ def measurement(tmp_path):
         },  # fmt: skip
         "train": {"run_dir": str(run), "val_loss_start": 6.96, "val_loss_end": 4.2},
         "train_s": 300.0,
-        "compare": {"models": {"tiny-gpt2": {"rows": rows, "minus_baseline": {"severity": diffs}}}},
+        "compare": {
+            "seeds": [0, 1, 2],
+            "models": {"tiny-gpt2": {"rows": rows, "minus_baseline": {"severity": diffs}}},
+        },
         "compare_s": 900.0,
         "test_n": 66,
     }
@@ -59,6 +62,9 @@ def test_blocks_hold_every_figure(measurement):
                  "none 0.200 [0.190, 0.210]", "critical 0.010 [0.000, 0.020]", "15.0 min"):  # fmt: skip
         assert text in readme, text
     assert "| split | ... |" in measure_tiny.data_block(measurement)
+    # the verdict follows the figures: BERTScore +0.01 [0.00, 0.02] includes zero, NLL excludes it
+    assert "Over 3 seeds" in readme and "(the interval includes zero)" in readme
+    assert "-0.020 [-0.030, -0.010] on critical cases (lower: better)" in readme
 
 
 def test_replace_block_touches_only_the_marked_text(tmp_path):
