@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from sevjax.config import load
 from sevjax.schema import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import SevjaxStep, synthetic_batch, timed  # noqa: E402
+from train_bench import SevjaxStep, compile_step, synthetic_batch, timed  # noqa: E402
 
 
 def build_step(cfg: TrainConfig) -> SevjaxStep:
@@ -48,20 +47,7 @@ def build_step(cfg: TrainConfig) -> SevjaxStep:
     state, fixed = trainer.initial_state(source, s, trainable=trainable)
     task = train.LMTask(cfg, None, chunked=config.vocab_size > cfg.loss.chunked_vocab_threshold)
     batch_np = synthetic_batch(cfg.data.batch_size, max(cfg.data.buckets), config.vocab_size)
-    batch_sh = trainer.batch_shardings(batch_np, mesh, lead=1)
-    step = trainer.make_train_step(task, s, batch_sh)
-    batch = trainer.put(batch_np, batch_sh, cfg.data.batch_size, axis=1)
-    rng = s.rng(0)
-    start = time.perf_counter()
-    lowered = step.lower(state, fixed, batch, rng)
-    traced = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    return SevjaxStep(
-        compiled, state, fixed, batch, rng, traced - start, done - traced, temp, n_params
-    )
+    return compile_step(task, s, state, fixed, batch_np)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

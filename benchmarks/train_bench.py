@@ -123,8 +123,12 @@ def sevjax_train_step(
     )
     s = trainer.setup(source, mesh=mesh, optim_cfg=cfg.optim, steps=cfg.steps, trainable=nnx.Param)
     state, fixed = trainer.initial_state(source, s, trainable=nnx.Param)
-    task = train.LMTask(cfg, None, chunked=chunked)
-    batch_sh = trainer.batch_shardings(batch_np, mesh, lead=1)
+    return compile_step(train.LMTask(cfg, None, chunked=chunked), s, state, fixed, batch_np)
+
+
+def compile_step(task: Any, s: Any, state: Any, fixed: Any, batch_np: dict) -> SevjaxStep:
+    """Lowers and compiles the trainer's real step for ``task`` on ``s.mesh`` (timed apart)."""
+    batch_sh = trainer.batch_shardings(batch_np, s.mesh, lead=1)
     step = trainer.make_train_step(task, s, batch_sh)
     batch = trainer.put(batch_np, batch_sh, batch_np["input_ids"].shape[1], axis=1)
     rng = s.rng(0)
