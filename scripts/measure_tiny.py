@@ -35,6 +35,7 @@ from sevjax.calibration import label_metrics
 from sevjax.classify import gold_labels, rule_labels
 from sevjax.config import load
 from sevjax.data import load_examples, split_examples
+from sevjax.loss import SEVERITIES
 from sevjax.schema import ClassifyConfig, CompareConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def verdict(m: dict) -> str:
     """What the tiny run shows, in words, derived from the figures (whatever they are)."""
     d = m["compare"]["models"]["tiny-gpt2"]["minus_baseline"]["severity"]
     f1, crit = d["bertscore_f1"]["overall"], d["bertscore_f1"]["critical"]
-    nll = {s: d["nll"][s] for s in ("mild", "moderate", "critical")}
+    nll = {s: d["nll"][s] for s in SEVERITIES}
     return (
         f"**What this shows.** Over {len(m['compare']['seeds'])} seeds, severity-weighted minus CE is "
         f"{_ci(f1)} BERTScore F1 overall ({_reads(f1, 'CE better', 'severity better')}) and "

@@ -35,8 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
+
+from sevjax.distributed import barrier, is_main
 
 
 class CheckpointError(RuntimeError):
@@ -297,7 +298,7 @@ class Checkpointer:
             ``"step <step>: <why>"``.
         """
         self.manager.wait_until_finished()
-        if jax.process_index() == 0:
+        if is_main():
             stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
             dest = self._damaged_dir() / f"{step}-{stamp}"
             while dest.exists():  # the same step set aside twice within a second
@@ -308,10 +309,7 @@ class Checkpointer:
             print(
                 f"[checkpoint] step {step} in {self.directory} is damaged ({why}); moved to {dest}"
             )
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"sevjax-set-aside-{step}")
+        barrier(f"sevjax-set-aside-{step}")
         self.manager.reload()
         return f"step {step}: {why}"
 
@@ -329,8 +327,3 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
     for key in dotted.split("."):
         config = config.get(key) if isinstance(config, dict) else None
     return config
-
-
-def host_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` with NumPy scalars turned into plain Python numbers (JSON-safe)."""
-    return {k: v.item() if isinstance(v, np.generic) else v for k, v in meta.items()}

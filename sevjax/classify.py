@@ -43,6 +43,7 @@ from sevjax.calibration import (
     label_metrics,
 )
 from sevjax.config import to_dict
+from sevjax.distributed import is_main
 from sevjax.logs import read as read_log
 from sevjax.loop import Loop, fit
 from sevjax.rundir import RunDir
@@ -259,7 +260,7 @@ def _tokenizer(cfg: ClassifyConfig, run_dir: Path, train: list[dict]) -> Any:
         return PreTrainedTokenizerFast.from_pretrained(str(saved))
     corpus = [normalize(ex[f]) for ex in train for f in ("complaint", "response")]
     tokenizer = train_wordpiece(corpus, cfg.model.vocab_size)
-    if jax.process_index() == 0:
+    if is_main():
         tokenizer.save_pretrained(str(saved))
     return tokenizer
 
@@ -276,7 +277,7 @@ def run(cfg: ClassifyConfig, *, holdout: frozenset[str] = frozenset()) -> dict[s
         train seconds, the label sources and the per-epoch history.
     """
     t0 = time.time()
-    with RunDir(cfg.run_dir, lock=jax.process_index() == 0) as run_dir:
+    with RunDir(cfg.run_dir, lock=is_main()) as run_dir:
         parts = data_lib.split_examples(examples_of(cfg))
         parts["train"] = [ex for ex in parts["train"] if ex["id"] not in holdout]
         y_train, y_val, val_source = labels_of(cfg, parts)
@@ -309,7 +310,7 @@ def run(cfg: ClassifyConfig, *, holdout: frozenset[str] = frozenset()) -> dict[s
         summary = dict(best_epoch=best_epoch, epochs_run=result.steps // per_epoch)
         summary.update(val_macro_f1=best_f1, val_labels=val_source, train_labels=cfg.data.labels)
         summary.update(temperature=temperature, seconds=round(time.time() - t0, 1), history=history)
-        if jax.process_index() == 0:
+        if is_main():
             (run_dir.path / "calibration.json").write_text(
                 json.dumps({"temperature": temperature}) + "\n"
             )

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sevjax import metrics
+from sevjax import metrics, models
 from sevjax.config import from_dict
 from sevjax.distributed import is_main
 from sevjax.schema import (
@@ -179,8 +179,7 @@ def evaluate_model(
 
     kw = dict(template=data.template, chat_template=data.chat_template)
     prompts = [format_example(tokenizer, x["complaint"], x["response"], **kw)[0] for x in examples]
-    hf = model.config.to_hf_config()
-    positions = hf.get("n_positions") or hf.get("max_position_embeddings")
+    positions = models.max_positions(model.config)
     gens = generate_texts(
         model, tokenizer, prompts, generation, max_positions=positions, eos_ids=eos_ids
     )

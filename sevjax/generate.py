@@ -1,12 +1,13 @@
-"""Cached autoregressive generation for the decoder LMs (GPT-2, Llama family).
+"""Cached autoregressive generation for the decoder LMs (GPT-2, Llama, Gemma families).
 
 The prompt (left-padded, [B, P]) is run once through the model, filling a preallocated KV cache
 of [B, P + max_new_tokens, K, H] per layer (one stacked [L, B, P + max_new_tokens, K, H] pair for
 a scanned model, see :meth:`sevjax.models.decoder.CausalLM.init_cache`); then a jitted
-``lax.while_loop`` decodes one token per step with static shapes. Logits are float32. Cache slot ``s`` holds the token at column ``s`` of
-``concat(prompt, new_tokens)``, and ``key_valid`` marks the non-pad slots, so every cached step
-sees exactly the mask and positions of the full forward on that concatenation. Compiles once per
-(batch, prompt length, max_new_tokens, sampling settings).
+``lax.while_loop`` decodes one token per step with static shapes. Logits are float32. Cache slot
+``s`` holds the token at column ``s`` of ``concat(prompt, new_tokens)``, and ``key_valid`` marks
+the non-pad slots, so every cached step sees exactly the mask and positions of the full forward
+on that concatenation. Compiles once per (batch, prompt length, max_new_tokens, sampling
+settings).
 """
 
 from __future__ import annotations

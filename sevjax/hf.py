@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from sevjax import models
+from sevjax.distributed import is_main
 from sevjax.models import hf_table
 from sevjax.sharding import state_shardings
 
@@ -332,7 +333,7 @@ def _replicator(mesh: jax.sharding.Mesh) -> Callable[[jax.Array, jax.Array], jax
     )
 
 
-def _gather(arr: jax.Array, layer: int | None) -> np.ndarray:
+def gather(arr: jax.Array, layer: int | None = None) -> np.ndarray:
     """One parameter (or one layer of a stacked one) as a host array, fetched on its own.
 
     A parameter spread over other processes' devices is first replicated by a per-tensor jit,
@@ -415,22 +416,18 @@ def save_pretrained(
         ``out_dir`` as a Path.
     """
     out = Path(out_dir)
-    writer = jax.process_index() == 0
+    writer = is_main()
     module = models.family(models.model_type_of(config))
     flat = {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     plan = _export_plan(module.hf_param_table(config), flat)
-    if dtype is None:
-        np_dtype = np.dtype(next(iter(flat.values())).dtype)
-    else:
-        np_dtype = np.dtype(
-            _TORCH_DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        )
+    named = _TORCH_DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    np_dtype = np.dtype(next(iter(flat.values())).dtype if dtype is None else named)
     if np_dtype.type not in _TORCH_DTYPE_NAMES.values():
         raise ValueError(f"cannot export dtype {np_dtype}; use one of {list(_TORCH_DTYPE_NAMES)}")
 
     def fetch(key: str) -> np.ndarray:
         row, ours, layer, _ = plan[key]
-        arr = hf_table.to_hf(row, _gather(flat[ours], layer))
+        arr = hf_table.to_hf(row, gather(flat[ours], layer))
         return np.ascontiguousarray(arr.astype(np_dtype))
 
     limit = _parse_size(max_shard_size)

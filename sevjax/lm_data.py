@@ -315,12 +315,6 @@ class Batcher:
         rows += [[] for _ in range(self.rows - len(rows))]
         return rows, index
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        position = (0, 0)
-        while True:
-            batch, position = self.batch_at(*position)
-            yield batch
-
 
 def eval_batches(
     data: Encoded, batch_size: int, buckets: Sequence[int]

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SEVERITIES = ("mild", "moderate", "critical")
+from sevjax.loss import SEVERITIES
 
 
 class RunLog:

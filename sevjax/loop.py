@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sevjax.checkpoint import Checkpointer
+from sevjax.distributed import is_main
 from sevjax.logs import RunLog
 from sevjax.rundir import changed_keys, write_config
 from sevjax.schema import CheckpointSection, LogSection, OptimSection
@@ -55,7 +56,6 @@ class Loop:
     """The loop's settings (plain values, settled before tracing)."""
 
     steps: int
-    accum: int = 1  # micro-batches per step (the A of [A, B, ...] batches)
     eval_every: int = 50
     patience: int = 0  # evaluations without a better score before stopping; 0 = never
     keep_best: bool = False  # keep the best checkpoint by score; the result holds its params
@@ -134,7 +134,7 @@ def fit(
                     )
                 start, meta, rng = 0, {"epoch": 0, "index": 0}, s.rng(seed)
                 state, fixed = initial_state(source, s, trainable=trainable)
-            if jax.process_index() == 0:  # the inputs loaded and the checkpoints fit: commit
+            if is_main():  # the inputs loaded and the checkpoints fit: commit
                 write_config(run_dir, config)
             runner = _Runner(task, s, loop, run_dir, ckpt, best, config, state, fixed, rng)
             return runner.run(start, meta)
@@ -157,7 +157,7 @@ class _Runner:
         self.task, self.s, self.loop, self.run_dir = task, s, loop, Path(run_dir)
         self.ckpt, self.best_ckpt, self.config = ckpt, best, config
         self.state, self.fixed, self.rng = state, fixed, rng
-        self.main = jax.process_index() == 0
+        self.main = is_main()
         self.eval_step = make_eval_step(task, s)
         self.train_step = None
         self.units, self.seconds = 0, 0.0
@@ -206,7 +206,7 @@ class _Runner:
                 if done % loop.log.every and not (save or evaluate):
                     continue
                 self._flush(pending, t0)
-                pending, t0 = [], time.time()
+                pending = []
                 if evaluate:
                     last = self._evaluate(done, train=self.last_train)
                     stopped = self._stop()

@@ -7,7 +7,7 @@ the adapted model starts equal to its base) held as ``nnx.LoRAParam`` variables:
 for the adapters alone. A scanned stack gets adapters created under ``nnx.vmap`` ([L, ...], a
 leading ``layers`` axis), an unrolled one per layer. Adapters carry logical axes (A
 (<in axis>, None), B (None, <out axis>), a flattened ``(N, H)`` dimension taking the name of its
-first part), so they are created already sharded on a mesh (:func:`apply_sharded`, after
+first part), so they are created already sharded on a mesh (``apply(..., mesh=mesh)`` after
 :func:`sevjax.hf.load_pretrained`). :func:`merged` folds them into the kernels
 (``W + alpha / r * A B``) for the HF export; :mod:`sevjax.peft` writes and reads PEFT adapters.
 
@@ -164,15 +164,7 @@ def _make_adapter(t: _Target, spec: LoRASpec, rngs: nnx.Rngs) -> _Adapter:
         drop = nnx.Dropout(spec.dropout, deterministic=True, rngs=r) if spec.dropout else None
         return _Adapter(lora, drop)
 
-    if t.layers is None:
-        return make(rngs)
-
-    @nnx.split_rngs(splits=t.layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=stack.LAYER_AXIS)
-    def create(r: nnx.Rngs) -> _Adapter:
-        return make(r)
-
-    return create(rngs)
+    return make(rngs) if t.layers is None else stack.stacked(make, t.layers, rngs)
 
 
 def _make_adapters(targets: dict[str, _Target], spec: LoRASpec, seed: int) -> nnx.Dict:
@@ -190,14 +182,18 @@ def _attach(model: nnx.Module, paths: list[str], adapters: nnx.Dict, spec: LoRAS
     model.lora_spec = spec
 
 
-def apply(model: nnx.Module, spec: LoRASpec, *, seed: int = 0) -> nnx.Module:
-    """Attaches LoRA branches to ``model`` in place (and returns it); traceable, so it can run
-    inside a model factory under ``nnx.eval_shape`` / ``jax.jit``.
+def apply(
+    model: nnx.Module, spec: LoRASpec, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+) -> nnx.Module:
+    """Attaches LoRA branches to ``model`` in place (and returns it).
 
     Args:
         model: a causal LM of our families (its blocks in ``model.layers``).
         spec: rank, alpha, dropout and targets.
         seed: seed of the A initialization (and of the dropout stream).
+        mesh: for a materialized (loaded) model, the mesh its adapters are created on, already
+            sharded. Without one the call is traceable, so it can run inside a model factory
+            under ``nnx.eval_shape`` / ``jax.jit``.
 
     Raises:
         ValueError: the model already has LoRA, or no target matches.
@@ -205,20 +201,11 @@ def apply(model: nnx.Module, spec: LoRASpec, *, seed: int = 0) -> nnx.Module:
     if has_lora(model):
         raise ValueError("the model already has LoRA branches")
     targets = _targets(model, spec)
-    _attach(model, list(targets), _make_adapters(targets, spec, seed), spec)
-    return model
 
+    def make() -> nnx.Dict:
+        return _make_adapters(targets, spec, seed)
 
-def apply_sharded(
-    model: nnx.Module, spec: LoRASpec, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None
-) -> nnx.Module:
-    """:func:`apply` for a materialized (loaded) model: adapters created on their shardings."""
-    if mesh is None:
-        return apply(model, spec, seed=seed)
-    if has_lora(model):
-        raise ValueError("the model already has LoRA branches")
-    targets = _targets(model, spec)
-    adapters = sharding.create_sharded(lambda: _make_adapters(targets, spec, seed), mesh)
+    adapters = make() if mesh is None else sharding.create_sharded(make, mesh)
     _attach(model, list(targets), adapters, spec)
     return model
 

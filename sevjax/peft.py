@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sevjax import lora, models
+from sevjax import hf, lora, models
+from sevjax.distributed import is_main
 from sevjax.models import hf_table
 from sevjax.models.layers import Dense
 
@@ -99,16 +100,6 @@ def _target_modules(model: nnx.Module, config: Any, entries: list[_Entry]) -> li
     return sorted(names)
 
 
-def _host(x: jax.Array, layer: int | None) -> np.ndarray:
-    """One adapter (one layer of a stacked one) on the host, float32."""
-    if not x.is_fully_addressable:  # every process takes part
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    x = np.asarray(jax.device_get(x))
-    return np.asarray(x if layer is None else x[layer], np.float32)
-
-
 def adapter_config(model: nnx.Module, config: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` dict of ``model``'s adapters (PEFT ``LoraConfig`` fields)."""
     spec = model.lora_spec
@@ -160,12 +151,12 @@ def save_adapter(model: nnx.Module, config: Any, out_dir: str | Path) -> Path:
     tensors = {}
     for e in _entries(model, config):
         key = f"{PREFIX}{e.hf_module}"
-        a = _host(e.dense.lora.lora_a.get_value(), e.layer)  # (in, r)
-        b = _host(e.dense.lora.lora_b.get_value(), e.layer)  # (r, out)
+        a = hf.gather(e.dense.lora.lora_a.get_value(), e.layer).astype(np.float32)  # (in, r)
+        b = hf.gather(e.dense.lora.lora_b.get_value(), e.layer).astype(np.float32)  # (r, out)
         tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (r, in)
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, r)
     settings = adapter_config(model, config)
-    if jax.process_index() == 0:
+    if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

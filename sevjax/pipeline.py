@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from sevjax import annotate, classify, prepare
 from sevjax import train as lm
 from sevjax.data import load_examples
+from sevjax.distributed import is_main
 from sevjax.rundir import RunDir
 from sevjax.schema import ClassifyConfig, EvalConfig, ScorerSection, TrainConfig
 from sevjax.trainer import make_mesh
@@ -88,7 +87,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         The summary of :func:`sevjax.train.summary` (paths of every output included).
     """
     t_begin = time.time()
-    main = jax.process_index() == 0
+    main = is_main()
     with RunDir(cfg.run_dir, lock=main) as run_dir:
         examples = load_examples(cfg.data.path, columns=cfg.data.columns)
         config = lm.model_config(cfg, None) if cfg.model.name_or_path else None

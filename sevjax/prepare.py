@@ -12,20 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
+from sevjax import data as data_lib
 from sevjax import loss as sevloss
+from sevjax.distributed import is_main
 from sevjax.lm_data import Encoded, encode_examples
 from sevjax.schema import TrainConfig
 from sevjax.tokenizer import train_bpe_tokenizer
 
 
 def _probs_of(examples: list[dict[str, Any]]) -> np.ndarray | None:
-    keys = [f"p_{s}" for s in sevloss.SEVERITIES]
     if not has_probabilities(examples):
         return None
-    return sevloss.validate_severity_probs(np.array([[ex[k] for k in keys] for ex in examples]))
+    rows = [[ex[k] for k in data_lib.PROB_FIELDS] for ex in examples]
+    return sevloss.validate_severity_probs(np.array(rows))
 
 
 def _severity_of(examples: list[dict[str, Any]], probs: np.ndarray | None) -> np.ndarray:
@@ -39,8 +40,8 @@ def _severity_of(examples: list[dict[str, Any]], probs: np.ndarray | None) -> np
 
 def has_probabilities(examples: list[dict[str, Any]]) -> bool:
     """Whether every example carries p_mild, p_moderate and p_critical."""
-    keys = [f"p_{s}" for s in sevloss.SEVERITIES]
-    return bool(examples) and all(ex.get(k) is not None for ex in examples for k in keys)
+    fields = data_lib.PROB_FIELDS
+    return bool(examples) and all(ex.get(k) is not None for ex in examples for k in fields)
 
 
 def training_splits(cfg: TrainConfig, examples: list[dict[str, Any]]) -> dict[str, list]:
@@ -50,8 +51,6 @@ def training_splits(cfg: TrainConfig, examples: list[dict[str, Any]]) -> dict[st
         ValueError: the severity-weighted loss is asked for but the examples have no severity
             probabilities (the message says how to annotate them), or a split is empty.
     """
-    from sevjax import data as data_lib
-
     if cfg.loss.mode == "severity" and not has_probabilities(examples):
         source = cfg.data.path or "the embedded data set"
         raise ValueError(
@@ -172,6 +171,6 @@ def prepare(
     trains = trains and not (tok_dir / "tokenizer.json").is_file()
     tokenizer = load_tokenizer(cfg, run_dir, splits["train"])
     data = encode(cfg, splits, tokenizer)
-    if trains and jax.process_index() == 0:  # written once the data is known to encode
+    if trains and is_main():  # written once the data is known to encode
         tokenizer.save_pretrained(str(tok_dir))
     return tokenizer, data

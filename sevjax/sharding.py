@@ -184,9 +184,11 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.
     return nnx.merge(graphdef, state)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array: dimension 0 over ``data`` and ``fsdp``, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh))
+def batch_sharding(mesh: Mesh, ndim: int = 2, lead: int = 0) -> NamedSharding:
+    """Sharding of a batch array: dimension ``lead`` over ``data`` and ``fsdp``, the rest
+    replicated (``lead=1`` for the ``[A, B, ...]`` micro-batches of gradient accumulation)."""
+    axes = (None,) * lead + ("batch",) + (None,) * (ndim - lead - 1)
+    return NamedSharding(mesh, logical_to_spec(axes, mesh))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -23,6 +23,7 @@ from flax import nnx
 from sevjax import hf, lm_data, lora, models, peft, prepare
 from sevjax import loss as L
 from sevjax.config import to_dict
+from sevjax.distributed import is_main
 from sevjax.logs import plot_curves
 from sevjax.loop import Fit, Loop, fit
 from sevjax.schema import TrainConfig
@@ -96,16 +97,10 @@ def model_source(cfg: TrainConfig, config: Any, mesh: jax.sharding.Mesh | None) 
             model = hf.load_pretrained(path, **kw)[0]
             if spec is None:
                 return model
-            model = lora.apply_sharded(model, spec, seed=cfg.seed, mesh=mesh)
+            model = lora.apply(model, spec, seed=cfg.seed, mesh=mesh)
             return model if adapter is None else peft.load_adapter(model, config, adapter)
 
     return ModelSource(factory, load)
-
-
-def max_positions(config: Any) -> int | None:
-    """The model's position limit (``n_positions`` / ``max_position_embeddings``)."""
-    hf_config = config.to_hf_config()
-    return hf_config.get("n_positions") or hf_config.get("max_position_embeddings")
 
 
 class LMTask:
@@ -143,22 +138,27 @@ class LMTask:
 
     # traced ------------------------------------------------------------------------------
 
-    def _loss(self, model, mb, mask, weights):
+    def _forward(self, model, mb):
+        """Logits ``[B, T, V]``, or the final hidden states with the chunked loss."""
         kw = dict(position_ids=mb["positions"], segment_ids=mb["segment_ids"])
-        out = (model.hidden if self.chunked else model)(mb["input_ids"], **kw)
-        lkw = dict(normalize=self.normalize, z_loss=self.z_loss)
+        return (model.hidden if self.chunked else model)(mb["input_ids"], **kw)
+
+    def _token_loss(self, model, out, mb, mask, weights, **lkw):
+        """The aux sums of :mod:`sevjax.loss` from ``out`` (full or chunked, as configured)."""
         if self.chunked:
             w, transpose = model.head()
-            return out, L.chunked_severity_weighted_cross_entropy(
+            return L.chunked_severity_weighted_cross_entropy(
                 out, w, mb["labels"], mask, weights, chunk_size=self.chunk_size,
                 transpose_head=transpose, logit_softcap=model.final_logit_softcap, **lkw,
             )[1]  # fmt: skip
-        return out, L.severity_weighted_cross_entropy(out, mb["labels"], mask, weights, **lkw)[1]
+        return L.severity_weighted_cross_entropy(out, mb["labels"], mask, weights, **lkw)[1]
 
     def loss_sums(self, model, batch, rng):
         if self.lora_dropout:  # our decoders have no dropout of their own; LoRA's may
             nnx.reseed(model, dropout=rng, policy="match_shape")  # stacked keys when scanned
-        out, aux = self._loss(model, batch, batch["loss_mask"], batch["weights"])
+        out = self._forward(model, batch)
+        lkw = dict(normalize=self.normalize, z_loss=self.z_loss)
+        aux = self._token_loss(model, out, batch, batch["loss_mask"], batch["weights"], **lkw)
         if not self.chunked:  # per-severity sums from the same logits (no extra vocabulary pass)
             nll = L.token_nll(jax.lax.stop_gradient(out), batch["labels"])  # (B, T)
             aux.update(_severity_sums(lambda m: (jnp.sum(nll * m), jnp.sum(m)), batch))
@@ -169,20 +169,10 @@ class LMTask:
 
     def eval_sums(self, model, batch):
         ones = jnp.ones_like(batch["weights"])
-        # one forward; each mask reuses it (XLA shares the logits across the four reductions)
-        kw = dict(position_ids=batch["positions"], segment_ids=batch["segment_ids"])
-        out = (model.hidden if self.chunked else model)(batch["input_ids"], **kw)
+        out = self._forward(model, batch)  # one forward; XLA shares it across the four masks
 
         def nll_fn(mask):
-            lkw = dict(normalize="tokens", z_loss=0.0)
-            if self.chunked:
-                w, transpose = model.head()
-                aux = L.chunked_severity_weighted_cross_entropy(
-                    out, w, batch["labels"], mask, ones, chunk_size=self.chunk_size,
-                    transpose_head=transpose, logit_softcap=model.final_logit_softcap, **lkw,
-                )[1]  # fmt: skip
-            else:
-                aux = L.severity_weighted_cross_entropy(out, batch["labels"], mask, ones, **lkw)[1]
+            aux = self._token_loss(model, out, batch, mask, ones, normalize="tokens", z_loss=0.0)
             return aux["nll_sum"], aux["token_count"]
 
         sums = _severity_sums(nll_fn, batch)
@@ -245,7 +235,7 @@ def check_inputs(cfg: TrainConfig, config: Any, mesh: jax.sharding.Mesh) -> None
             than the model's positions.
     """
     prepare.check_batch_sizes(cfg, mesh.shape["data"] * mesh.shape["fsdp"])
-    limit = max_positions(config)
+    limit = models.max_positions(config)
     if limit and max(cfg.data.buckets) > limit:
         raise ValueError(
             f"max(data.buckets)={max(cfg.data.buckets)} exceeds the model's {limit} positions"
@@ -264,7 +254,7 @@ def finetune(
     task = LMTask(cfg, data, chunked=config.vocab_size > cfg.loss.chunked_vocab_threshold)
     c = cfg.checkpoint
     loop = Loop(
-        steps=cfg.steps, accum=cfg.optim.grad_accum, eval_every=cfg.eval.every,
+        steps=cfg.steps, eval_every=cfg.eval.every,
         patience=cfg.eval.patience, keep_best=c.best, checkpoint=c, log=cfg.log,
     )  # fmt: skip
     result = fit(
@@ -273,7 +263,7 @@ def finetune(
         trainable=trainable(cfg),
     )  # fmt: skip
     metrics = Path(cfg.run_dir) / "metrics.jsonl"
-    if jax.process_index() == 0 and cfg.log.plot and metrics.exists():
+    if is_main() and cfg.log.plot and metrics.exists():
         plot_curves(metrics, Path(cfg.run_dir) / "loss_curve.png", train_key="nll")
     return result
 

@@ -272,12 +272,7 @@ def restored_fixed(source: ModelSource, s: Setup, *, trainable: Any) -> dict[str
 
 def batch_shardings(batch: Any, mesh: Mesh, lead: int) -> Any:
     """Shardings of a batch tree: axis ``lead`` split over the data axes, the rest replicated."""
-
-    def one(x: Any) -> NamedSharding:
-        axes = (None,) * lead + ("batch",) + (None,) * (len(x.shape) - lead - 1)
-        return NamedSharding(mesh, sharding.logical_to_spec(axes, mesh))
-
-    return jax.tree.map(one, batch)
+    return jax.tree.map(lambda x: sharding.batch_sharding(mesh, len(x.shape), lead), batch)
 
 
 def accumulate(

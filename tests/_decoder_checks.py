@@ -87,7 +87,13 @@ def check_greedy_and_cached_decoding(tm, m) -> None:
             eos_token_id=None,
         )[:, ids.shape[1] :].numpy()
     np.testing.assert_array_equal(ours, ref)
-    new = ours[:, :4]  # prompt 8 + 4 = the 12 columns of the parity batch: one forward compile
+    # prompt 8 + 4 = the 12 columns of the parity batch: one forward compile
+    check_cached_matches_full(m, ids, mask, ours[:, :4])
+
+
+def check_cached_matches_full(m, ids, mask, new) -> None:
+    """The logits of a prefill of ``ids`` and 3 one-token cached steps over ``new`` (soft-capped
+    where the model caps) == the full forward's on the same tokens (1e-5)."""
     full_ids = jnp.asarray(np.concatenate([ids, new], axis=1))
     full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(new)], axis=1))
     full = logits(m, full_ids, full_mask)  # (B, P + 4, V)

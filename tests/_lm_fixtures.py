@@ -39,30 +39,35 @@ def make_annotated(root: Path) -> tuple[Path, Path]:
     return path, root / "tokenizer"
 
 
+TINY_LM = [  # the tiny LM and the quiet, single-device run every LM test uses
+    "model.layers=2",
+    "model.width=32",
+    "model.heads=2",
+    "model.vocab_size=300",
+    "model.max_positions=64",
+    "data.buckets=[64]",
+    "data.batch_size=8",
+    "eval.batch_size=8",
+    "log.tensorboard=false",
+    "log.plot=false",
+    "log.progress=false",
+    "checkpoint.every=2",
+    "mesh.data=1",
+]
+
+
 def overrides(fixture_data, run_dir, *extra):
     path, tok = fixture_data
     return [
         f"run_dir={run_dir}",
         f"data.path={path}",
         f"model.tokenizer={tok}",
-        "model.layers=2",
-        "model.width=32",
-        "model.heads=2",
-        "model.vocab_size=300",
-        "model.max_positions=64",
-        "data.buckets=[64]",
-        "data.batch_size=8",
-        "eval.batch_size=8",
+        *TINY_LM,
         "eval.every=100",
         "optim.lr=3e-3",
         "optim.warmup_steps=2",
         "log.every=1",
-        "log.tensorboard=false",
-        "log.plot=false",
-        "log.progress=false",
         "export_hf=false",
-        "checkpoint.every=2",
-        "mesh.data=1",
         "steps=6",
         *extra,
     ]

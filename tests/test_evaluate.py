@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import _lm_fixtures as lm_fixtures
 import numpy as np
 import pytest
 import test_bertscore
@@ -41,22 +42,7 @@ def _rows():
     return rows
 
 
-TRAIN_OVERRIDES = [
-    "model.layers=2",
-    "model.width=32",
-    "model.heads=2",
-    "model.vocab_size=300",
-    "model.max_positions=64",
-    "data.buckets=[64]",
-    "data.batch_size=8",
-    "eval.batch_size=8",
-    "optim.warmup_steps=1",
-    "log.tensorboard=false",
-    "log.plot=false",
-    "log.progress=false",
-    "checkpoint.every=2",
-    "mesh.data=1",
-]
+TRAIN_OVERRIDES = [*lm_fixtures.TINY_LM, "optim.warmup_steps=1"]
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from _decoder_checks import check_cached_matches_full
 
 from sevjax import hf
 from sevjax.generate import _generate, generate
-from sevjax.models import ModelOptions, decoder
+from sevjax.models import ModelOptions
 
 NEW = 16
 LAYOUTS = {"unrolled": ModelOptions(), "scanned": ModelOptions(scan_layers=True)}
@@ -79,31 +79,7 @@ def test_cached_decode_logits_equal_full_forward(kind, pairs, prompts):
     _, m = pairs[kind]
     ids, mask = prompts
     new = np.asarray(generate(m, ids, mask, max_new_tokens=4))
-    full_ids = jnp.asarray(np.concatenate([ids, new], axis=1))
-    full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(new)], axis=1))
-    full = np.asarray(m(full_ids, full_mask))  # (B, P + 4, V)
-    b, p = ids.shape
-    total = p + 4
-    key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(jnp.asarray(mask))
-    positions = decoder.default_positions(full_mask)
-
-    @nnx.jit
-    def step(m, ids, pos, key_valid, cache, index):
-        h, cache = m.cached_hidden(ids, pos, key_valid, cache, index)
-        return decoder.project_logits(h, *m.head()), cache
-
-    logits, cache = step(
-        m, jnp.asarray(ids), positions[:, :p], key_valid, m.init_cache(b, total), jnp.int32(0)
-    )
-    steps = [logits]
-    for i in range(3):
-        key_valid = key_valid.at[:, p + i].set(1)
-        col = slice(p + i, p + i + 1)
-        logits, cache = step(m, full_ids[:, col], positions[:, col], key_valid, cache, p + i)
-        steps.append(logits)
-    cached = np.concatenate([np.asarray(s) for s in steps], axis=1)  # (B, P + 3, V)
-    valid = np.asarray(full_mask[:, : p + 3]).astype(bool)
-    assert np.abs(cached - full[:, : p + 3])[valid].max() <= 1e-5
+    check_cached_matches_full(m, ids, mask, new)
 
 
 def test_scanned_cache_is_stacked(pairs):

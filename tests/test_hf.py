@@ -2,7 +2,6 @@
 files, per-device loading of stacked layers, per-tensor export from a mesh, key/shape errors."""
 
 import json
-import logging
 
 import _hf_fixtures as fx
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _decoder_checks import params, reload_in_transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -46,27 +46,6 @@ def batch():
 def logits(m, batch):
     ids, mask, _ = batch
     return np.asarray(fx.forward(m, jnp.asarray(ids), jnp.asarray(mask)))
-
-
-def params(m):
-    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-
-
-def reload_in_transformers(path, caplog):
-    """Loads with transformers, failing on any missing/unexpected/mismatched key or warning."""
-    transformers.logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING, logger="transformers"):
-            caplog.clear()
-            tm, info = transformers.AutoModelForCausalLM.from_pretrained(
-                path, output_loading_info=True, attn_implementation="eager"
-            )
-    finally:
-        transformers.logging.disable_propagation()
-    assert not any(info.values()), info
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert not warnings, warnings
-    return tm.eval()
 
 
 @pytest.mark.parametrize("layout", ["unrolled", "scanned"])

@@ -1,8 +1,8 @@
 """Model families and the registry that dispatches on HF ``model_type``.
 
 ``gpt2`` -> :mod:`sevjax.models.gpt2`; ``llama``, ``mistral``, ``qwen2``, ``qwen3`` ->
-:mod:`sevjax.models.llama`; ``gemma2``, ``gemma3_text`` -> :mod:`sevjax.models.gemma`;
-``bert`` -> :mod:`sevjax.models.bert`. Family modules are imported lazily so that one family's
+:mod:`sevjax.models.llama`; ``gemma2``, ``gemma3_text`` -> :mod:`sevjax.models.gemma` (built on
+``llama``'s attention, model and HF table); ``bert`` -> :mod:`sevjax.models.bert`. Family modules are imported lazily so that one family's
 absence or import cost never affects another. Shared pieces: :mod:`~sevjax.models.layers`
 (dense, norms, RoPE), :mod:`~sevjax.models.attention` (masks and kernels),
 :mod:`~sevjax.models.stack` (unrolled / scanned layers, remat), :mod:`~sevjax.models.decoder`
@@ -80,6 +80,12 @@ def model_type_of(config: Any) -> str:
     return config.to_hf_config()["model_type"]
 
 
+def max_positions(config: Any) -> int | None:
+    """The model's position limit (``n_positions`` / ``max_position_embeddings``)."""
+    hf_config = config.to_hf_config()
+    return hf_config.get("n_positions") or hf_config.get("max_position_embeddings")
+
+
 def config_from_hf(d: dict[str, Any]) -> Any:
     """Our config dataclass from an HF ``config.json`` dict, dispatched on ``model_type``.
 
@@ -132,6 +138,7 @@ __all__ = [
     "build",
     "config_from_hf",
     "family",
+    "max_positions",
     "model_class",
     "model_type_of",
 ]

@@ -132,6 +132,14 @@ def project_logits(hidden: jax.Array, w: jax.Array, transpose_head: bool) -> jax
     )  # (..., V)
 
 
+def untied_head(tied: bool, d: int, v: int, **kw: Any) -> Dense | None:
+    """The output projection ``lm_head`` [D, V], or None when the head is the tied embedding.
+
+    ``kw``: ``dtype``, ``param_dtype``, ``rngs``.
+    """
+    return None if tied else Dense(d, v, axes=("embed", "vocab"), use_bias=False, **kw)
+
+
 def _check_inputs(b: int, t: int, **arrays: jax.Array | None) -> None:
     for name, arr in arrays.items():
         if arr is not None and arr.shape != (b, t):

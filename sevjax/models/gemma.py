@@ -10,7 +10,8 @@ layers (``layer_types``), tied embeddings by default. Gemma 2 soft-caps the atte
 per-head q/k RMSNorm before RoPE and gives local layers their own RoPE base
 (``rope_local_base_freq``) while global layers use ``rope_theta`` and ``rope_scaling``; its
 configs carry no soft-caps, and a non-null ``attn_logit_softcapping`` is ignored like
-transformers' Gemma 3 ignores it. The MLP is :class:`sevjax.models.llama.LlamaMLP`.
+transformers' Gemma 3 ignores it. The attention, the model and the HF table are Llama's
+(:mod:`sevjax.models.llama`) with these differences as hooks; the MLP is ``LlamaMLP``.
 """
 
 from __future__ import annotations
@@ -23,19 +24,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sevjax.models import decoder, layers, stack
-from sevjax.models.decoder import DecoderContext, update_cache
+from sevjax.models import layers
 from sevjax.models.hf_table import HFParam
-from sevjax.models.layers import Dense, Dtype, Embed
-from sevjax.models.llama import LlamaMLP
-from sevjax.models.options import ModelOptions, resolve
+from sevjax.models.layers import Dtype
+from sevjax.models.llama import (
+    LAYER_TYPES,
+    QK_NORMS,
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    check_decoder_config,
+    decoder_table,
+)
+from sevjax.models.options import ModelOptions
 from sevjax.sharding import param
 
 HF_BASE_PREFIX = "model."
 HF_IGNORE = (r".*rotary_emb\..*", r"lm_head\.weight")
 HF_NEW_IF_MISSING: tuple[str, ...] = ()
 HF_ARCHITECTURE = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-LAYER_TYPES = ("sliding_attention", "full_attention")
 _NULLABLE = (
     "sliding_window",
     "final_logit_softcapping",
@@ -90,25 +97,7 @@ class GemmaConfig:
             every = _DEFAULT_PATTERN[self.model_type]
             types = tuple(LAYER_TYPES[(i + 1) % every == 0] for i in range(n))
             object.__setattr__(self, "layer_types", types)
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        if len(self.layer_types) != n or bad:
-            raise ValueError(
-                f"layer_types must be {n} entries of {LAYER_TYPES}, got {list(self.layer_types)}"
-            )
-        if self.sliding_window is None and "sliding_attention" in self.layer_types:
-            raise ValueError("layer_types has sliding_attention layers but sliding_window is null")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        layers.activation(self.hidden_activation)
-        layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        check_decoder_config(self)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -129,6 +118,21 @@ class GemmaConfig:
     def mlp_bias(self) -> bool:
         """Gemma's MLP projections have no bias."""
         return False
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections have a bias (``attention_bias``; what LlamaAttention reads)."""
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """o_proj has a bias (``attention_bias``)."""
+        return self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """q and k are RMS-normalized per head before RoPE (Gemma 3)."""
+        return self.model_type == "gemma3_text"
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> GemmaConfig:
@@ -196,44 +200,14 @@ class GemmaConfig:
 
 def hf_param_table(config: GemmaConfig) -> list[HFParam]:
     """One :class:`HFParam` per parameter of :class:`GemmaForCausalLM` (per-layer paths)."""
-    p = HF_BASE_PREFIX
-    d, n, k, h = (
-        config.hidden_size,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-    )
-    table = [HFParam(p + "embed_tokens.weight", "embed_tokens.embedding")]
-    projections = [  # (name, bias, HF weight shape [out, in])
-        ("self_attn.q_proj", config.attention_bias, (n * h, d)),
-        ("self_attn.k_proj", config.attention_bias, (k * h, d)),
-        ("self_attn.v_proj", config.attention_bias, (k * h, d)),
-        ("self_attn.o_proj", config.attention_bias, (d, n * h)),
-        ("mlp.gate_proj", False, None),
-        ("mlp.up_proj", False, None),
-        ("mlp.down_proj", False, None),
-    ]
     norms = [
         "input_layernorm",
         "post_attention_layernorm",
         "pre_feedforward_layernorm",
         "post_feedforward_layernorm",
     ]
-    if config.model_type == "gemma3_text":
-        norms += ["self_attn.q_norm", "self_attn.k_norm"]
-    for i in range(config.num_hidden_layers):
-        pre, ours = f"{p}layers.{i}.", f"layers.{i}."
-        for name in norms:
-            table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.scale"))
-        for name, bias, shape in projections:
-            table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.kernel", True, shape))
-            if bias:
-                bias_shape = None if name.endswith("o_proj") else shape[:1]
-                table.append(HFParam(f"{pre}{name}.bias", f"{ours}{name}.bias", False, bias_shape))
-    table.append(HFParam(p + "norm.weight", "norm.scale"))
-    if not config.tie_word_embeddings:
-        table.append(HFParam("lm_head.weight", "lm_head.kernel", transpose=True))
-    return table
+    qk_norms = QK_NORMS if config.qk_norm else ()
+    return decoder_table(config, (*norms, *qk_norms))
 
 
 class GemmaRMSNorm(nnx.Module):
@@ -261,58 +235,27 @@ class GemmaRMSNorm(nnx.Module):
         return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
 
 
-class GemmaAttention(nnx.Module):
-    """Grouped-query attention: q/k norms (Gemma 3), per-layer RoPE base, score scale
-    ``query_pre_attn_scalar ** -0.5``, soft-capped scores (Gemma 2), local or global mask."""
+class GemmaAttention(LlamaAttention):
+    """:class:`~sevjax.models.llama.LlamaAttention` with Gemma's q/k norms (Gemma 3), a RoPE base
+    per layer kind, score scale ``query_pre_attn_scalar ** -0.5`` and soft-capped scores
+    (Gemma 2)."""
 
     def __init__(self, config: GemmaConfig, *, dtype, param_dtype, rngs):
-        d, n, k, h = (
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
-        kw = dict(std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        bias = config.attention_bias
-        self.q_proj = Dense(d, (n, h), axes=("embed", "heads", "head_dim"), use_bias=bias, **kw)
-        kv_axes = ("embed", "kv_heads", "head_dim")
-        self.k_proj = Dense(d, (k, h), axes=kv_axes, use_bias=bias, **kw)
-        self.v_proj = Dense(d, (k, h), axes=kv_axes, use_bias=bias, **kw)
-        self.o_proj = Dense((n, h), d, axes=("heads", "head_dim", "embed"), use_bias=bias, **kw)
-        gemma3 = config.model_type == "gemma3_text"
-        norm_kw = dict(eps=config.rms_norm_eps, axes=("head_dim",), dtype=dtype)
-        self.q_norm = GemmaRMSNorm(h, **norm_kw, param_dtype=param_dtype) if gemma3 else None
-        self.k_norm = GemmaRMSNorm(h, **norm_kw, param_dtype=param_dtype) if gemma3 else None
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.scale = float(config.query_pre_attn_scalar) ** -0.5
+        gemma3 = config.model_type == "gemma3_text"  # Gemma 3 ignores attn_logit_softcapping
         self.softcap = None if gemma3 else config.attn_logit_softcapping
-        self.local = config.local_layers
-        # static, hashable inverse frequencies of global and local layers
-        global_freq = layers.rope_inv_freq(h, config.rope_theta, config.rope_scaling_dict)
-        self.global_freq = tuple(float(f) for f in global_freq)
-        self.local_freq = tuple(float(f) for f in layers.rope_inv_freq(h, config.local_rope_theta))
-        self.dtype = dtype
+        local_freq = layers.rope_inv_freq(config.head_dim, config.local_rope_theta)
+        self.local_freq = tuple(float(f) for f in local_freq)  # static, hashable
+
+    def _head_norm(self, h: int, **kw: Any) -> nnx.Module:
+        return GemmaRMSNorm(h, axes=("head_dim",), **kw)
 
     def _inv_freq(self, local: bool | jax.Array) -> jax.Array:
         if isinstance(local, bool):
-            return jnp.asarray(self.local_freq if local else self.global_freq, jnp.float32)
-        both = jnp.asarray([self.global_freq, self.local_freq], jnp.float32)  # (2, H/2)
+            return jnp.asarray(self.local_freq if local else self.inv_freq, jnp.float32)
+        both = jnp.asarray([self.inv_freq, self.local_freq], jnp.float32)  # (2, H/2)
         return both[local.astype(jnp.int32)]
-
-    def __call__(self, x, ctx: DecoderContext, cache, layer):
-        local = decoder.layer_flag(self.local, layer)
-        inv_freq = self._inv_freq(local)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, N|K, H)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = layers.apply_rope(q, ctx.positions, inv_freq)  # (B, T, N, H)
-        k = layers.apply_rope(k, ctx.positions, inv_freq)  # (B, T, K, H)
-        if cache is not None:
-            cache = update_cache(cache, k, v, ctx.cache_index)
-            k, v = cache
-        out = decoder.attend_layer(
-            q, k, v, ctx, local, dtype=self.dtype, scale=self.scale, softcap=self.softcap
-        )  # (B, T, N, H)
-        return self.o_proj(out), cache  # (B, T, D)
 
 
 class GemmaDecoderLayer(nnx.Module):
@@ -336,8 +279,9 @@ class GemmaDecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(m), cache
 
 
-class GemmaForCausalLM(decoder.CausalLM):
-    """Gemma 2 / Gemma 3 (text) causal LM.
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma 2 / Gemma 3 (text) causal LM: :class:`~sevjax.models.llama.LlamaForCausalLM` with
+    Gemma's blocks and norms, ``sqrt(D)``-scaled embeddings and final-logit soft-capping.
 
     Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
     [B, T, V] float32, soft-capped by ``final_logit_softcapping`` when set; ``hidden`` gives the
@@ -352,6 +296,9 @@ class GemmaForCausalLM(decoder.CausalLM):
         rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
+    block_class = GemmaDecoderLayer
+    norm_class = GemmaRMSNorm
+
     def __init__(
         self,
         config: GemmaConfig,
@@ -361,40 +308,10 @@ class GemmaForCausalLM(decoder.CausalLM):
         options: ModelOptions | None = None,
         rngs: nnx.Rngs,
     ):
-        self.config = config
-        self.dtype = dtype
-        self.options = resolve(options)
-        self.sliding_window = config.sliding_window
-        self.local_layers = config.local_layers
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, options=options, rngs=rngs)
         self.final_logit_softcap = config.final_logit_softcapping
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        d, v = config.hidden_size, config.vocab_size
-        self.embed_tokens = Embed(v, d, std=config.initializer_range, **kw, rngs=rngs)
-        self.normalizer = math.sqrt(d)
-        self.layers = stack.make_layers(
-            lambda r: GemmaDecoderLayer(config, **kw, rngs=r),
-            config.num_hidden_layers,
-            options=self.options,
-            rngs=rngs,
-        )
-        self.norm = GemmaRMSNorm(d, eps=config.rms_norm_eps, **kw)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Dense(d, v, axes=("embed", "vocab"), use_bias=False, **kw, rngs=rngs)
-        )
-
-    @property
-    def token_embedding(self) -> Embed:
-        return self.embed_tokens
-
-    @property
-    def kv_heads_and_dim(self) -> tuple[int, int]:
-        return self.config.num_key_value_heads, self.config.head_dim
+        self.normalizer = math.sqrt(config.hidden_size)
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         # HF multiplies by the normalizer cast to the embedding's dtype (sqrt(3072) -> 55.5 in bf16)
         return self.embed_tokens(input_ids) * jnp.asarray(self.normalizer, self.dtype)  # (B, T, D)
-
-    def final_norm(self, x: jax.Array) -> jax.Array:
-        return self.norm(x)

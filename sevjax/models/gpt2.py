@@ -210,17 +210,8 @@ class GPT2LMHeadModel(decoder.CausalLM):
             rngs=rngs,
         )
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, **kw)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Dense(
-                config.n_embd,
-                config.vocab_size,
-                axes=("embed", "vocab"),
-                use_bias=False,
-                **kw,
-                rngs=rngs,
-            )
+        self.lm_head = decoder.untied_head(
+            config.tie_word_embeddings, config.n_embd, config.vocab_size, **kw, rngs=rngs
         )
 
     @property

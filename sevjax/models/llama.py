@@ -38,6 +38,7 @@ HF_ARCHITECTURE = {
 }
 _NULLABLE = ("sliding_window", "bos_token_id", "eos_token_id", "pad_token_id")
 LAYER_TYPES = ("sliding_attention", "full_attention")
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # per-head norms (Qwen3, Gemma 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,29 +79,9 @@ class LlamaConfig:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.layer_types is not None:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-            if self.model_type != "qwen3":
-                raise ValueError(f"layer_types is a Qwen3 option, not {self.model_type}'s")
-            bad = set(self.layer_types) - set(LAYER_TYPES)
-            if len(self.layer_types) != self.num_hidden_layers or bad:
-                raise ValueError(
-                    f"layer_types must be {self.num_hidden_layers} entries of {LAYER_TYPES}, "
-                    f"got {list(self.layer_types)}"
-                )
-            if self.sliding_window is None and "sliding_attention" in self.layer_types:
-                raise ValueError("layer_types has sliding_attention layers but no sliding_window")
-        layers.activation(self.hidden_act)
-        layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.layer_types is not None and self.model_type != "qwen3":
+            raise ValueError(f"layer_types is a Qwen3 option, not {self.model_type}'s")
+        check_decoder_config(self)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -190,6 +171,30 @@ class LlamaConfig:
         return d
 
 
+def check_decoder_config(config: Any) -> None:
+    """The checks every Llama-layout config (also Gemma's) runs in ``__post_init__``: grouped
+    heads, an even ``head_dim``, ``layer_types`` (made a tuple) with a window when some layer
+    slides, a known activation and RoPE type; a list ``eos_token_id`` becomes a tuple."""
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads={config.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={config.num_key_value_heads}"
+        )
+    if config.head_dim % 2:
+        raise ValueError(f"head_dim={config.head_dim} must be even for RoPE")
+    if config.layer_types is not None:
+        types, n = tuple(config.layer_types), config.num_hidden_layers
+        object.__setattr__(config, "layer_types", types)
+        if len(types) != n or set(types) - set(LAYER_TYPES):
+            raise ValueError(f"layer_types must be {n} entries of {LAYER_TYPES}, got {list(types)}")
+        if config.sliding_window is None and "sliding_attention" in types:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is null")
+    layers.activation(config.hidden_act)
+    layers.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_dict)
+    if isinstance(config.eos_token_id, list):
+        object.__setattr__(config, "eos_token_id", tuple(config.eos_token_id))
+
+
 def _qwen3_windows(d: dict[str, Any]) -> dict[str, Any]:
     """A Qwen3 config dict with ``sliding_window`` / ``layer_types`` resolved as HF does: the
     window applies only with ``use_sliding_window``, to the layers from ``max_window_layers`` on
@@ -207,6 +212,15 @@ def _qwen3_windows(d: dict[str, Any]) -> dict[str, Any]:
 
 def hf_param_table(config: LlamaConfig) -> list[HFParam]:
     """One :class:`HFParam` per parameter of :class:`LlamaForCausalLM` (per-layer paths)."""
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    qk_norms = QK_NORMS if config.qk_norm else ()
+    return decoder_table(config, (*norms, *qk_norms))
+
+
+def decoder_table(config: Any, norms: tuple[str, ...]) -> list[HFParam]:
+    """The HF table of a Llama-layout decoder (also Gemma's): embeddings; per layer the
+    ``norms`` (``<name>.weight`` -> ``<name>.scale``) and the q/k/v/o and gate/up/down
+    projections (biases per ``qkv_bias`` / ``o_bias`` / ``mlp_bias``); final norm; untied head."""
     p = HF_BASE_PREFIX
     d, n, k, h = (
         config.hidden_size,
@@ -226,19 +240,13 @@ def hf_param_table(config: LlamaConfig) -> list[HFParam]:
     ]
     for i in range(config.num_hidden_layers):
         pre, ours = f"{p}layers.{i}.", f"layers.{i}."
-        table.append(HFParam(pre + "input_layernorm.weight", ours + "input_layernorm.scale"))
-        for name in ("self_attn.q_norm", "self_attn.k_norm") if config.qk_norm else ():
+        for name in norms:
             table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.scale"))
         for name, bias, shape in projections:
             table.append(HFParam(f"{pre}{name}.weight", f"{ours}{name}.kernel", True, shape))
             if bias:
                 bias_shape = None if shape is None or name.endswith("o_proj") else shape[:1]
                 table.append(HFParam(f"{pre}{name}.bias", f"{ours}{name}.bias", False, bias_shape))
-        table.append(
-            HFParam(
-                pre + "post_attention_layernorm.weight", ours + "post_attention_layernorm.scale"
-            )
-        )
     table.append(HFParam(p + "norm.weight", "norm.scale"))
     if not config.tie_word_embeddings:
         table.append(HFParam("lm_head.weight", "lm_head.kernel", transpose=True))
@@ -255,9 +263,19 @@ class HeadRMSNorm(RMSNorm):
 
 
 class LlamaAttention(nnx.Module):
-    """Grouped-query attention with RoPE on q and k (Qwen3: q/k RMS-normalized per head first)."""
+    """Grouped-query attention with RoPE on q and k (Qwen3: q/k RMS-normalized per head first).
 
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs):
+    Also the base of Gemma's attention, which overrides :meth:`_head_norm` and
+    :meth:`_inv_freq` and sets ``scale`` / ``softcap``. The config supplies ``hidden_size``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``qkv_bias``, ``o_bias``,
+    ``qk_norm``, ``rms_norm_eps``, ``rope_theta``, ``rope_scaling_dict``, ``local_layers`` and
+    ``initializer_range``.
+    """
+
+    scale: float | None = None  # score scale; None = 1 / sqrt(head_dim)
+    softcap: float | None = None  # attention-logit soft-cap
+
+    def __init__(self, config: Any, *, dtype, param_dtype, rngs):
         d, n, k, h = (
             config.hidden_size,
             config.num_attention_heads,
@@ -273,15 +291,24 @@ class LlamaAttention(nnx.Module):
         o_axes = ("heads", "head_dim", "embed")
         self.o_proj = Dense((n, h), d, axes=o_axes, use_bias=config.o_bias, **kw)
         norm_kw = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.q_norm = HeadRMSNorm(h, **norm_kw) if config.qk_norm else None
-        self.k_norm = HeadRMSNorm(h, **norm_kw) if config.qk_norm else None
+        self.q_norm = self._head_norm(h, **norm_kw) if config.qk_norm else None
+        self.k_norm = self._head_norm(h, **norm_kw) if config.qk_norm else None
         inv_freq = layers.rope_inv_freq(h, config.rope_theta, config.rope_scaling_dict)
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, hashable
         self.local = config.local_layers
         self.dtype = dtype
 
+    def _head_norm(self, h: int, **kw: Any) -> nnx.Module:
+        """The per-head q/k norm over ``head_dim``."""
+        return HeadRMSNorm(h, **kw)
+
+    def _inv_freq(self, local: bool | jax.Array) -> jax.Array:
+        """RoPE inverse frequencies [H/2] of a (local or global) layer: one base for all."""
+        return jnp.asarray(self.inv_freq, jnp.float32)
+
     def __call__(self, x, ctx: DecoderContext, cache, layer):
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        local = decoder.layer_flag(self.local, layer)
+        inv_freq = self._inv_freq(local)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, N|K, H)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -290,8 +317,9 @@ class LlamaAttention(nnx.Module):
         if cache is not None:
             cache = update_cache(cache, k, v, ctx.cache_index)
             k, v = cache
-        local = decoder.layer_flag(self.local, layer)
-        out = decoder.attend_layer(q, k, v, ctx, local, dtype=self.dtype)  # (B, T, N, H)
+        out = decoder.attend_layer(
+            q, k, v, ctx, local, dtype=self.dtype, scale=self.scale, softcap=self.softcap
+        )  # (B, T, N, H)
         return self.o_proj(out), cache  # (B, T, D)
 
 
@@ -334,7 +362,8 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(decoder.CausalLM):
-    """Llama/Mistral/Qwen2/Qwen3 causal LM.
+    """Llama/Mistral/Qwen2/Qwen3 causal LM (and the base of Gemma's, which swaps the block and
+    norm classes and scales the embeddings).
 
     Called as ``model(input_ids, attention_mask, position_ids, *, segment_ids)`` -> logits
     [B, T, V] float32; ``hidden`` gives the final hidden states and ``head`` the output
@@ -347,6 +376,9 @@ class LlamaForCausalLM(decoder.CausalLM):
         options: scanned layers, remat, attention kernel (default: ``ModelOptions()``).
         rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
+
+    block_class: type = LlamaDecoderLayer
+    norm_class: type = RMSNorm
 
     def __init__(
         self,
@@ -366,17 +398,13 @@ class LlamaForCausalLM(decoder.CausalLM):
         d, v = config.hidden_size, config.vocab_size
         self.embed_tokens = Embed(v, d, std=config.initializer_range, **kw, rngs=rngs)
         self.layers = stack.make_layers(
-            lambda r: LlamaDecoderLayer(config, **kw, rngs=r),
+            lambda r: self.block_class(config, **kw, rngs=r),
             config.num_hidden_layers,
             options=self.options,
             rngs=rngs,
         )
-        self.norm = RMSNorm(d, eps=config.rms_norm_eps, **kw)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Dense(d, v, axes=("embed", "vocab"), use_bias=False, **kw, rngs=rngs)
-        )
+        self.norm = self.norm_class(d, eps=config.rms_norm_eps, **kw)
+        self.lm_head = decoder.untied_head(config.tie_word_embeddings, d, v, **kw, rngs=rngs)
 
     @property
     def token_embedding(self) -> Embed:

@@ -52,6 +52,14 @@ def make_layers(
     """
     if not options.scan_layers:
         return nnx.List([make_block(rngs) for _ in range(num_layers)])
+    return stacked(make_block, num_layers, rngs)
+
+
+def stacked(
+    make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
+) -> nnx.Module:
+    """One module created under ``nnx.vmap``: every variable [L, ...] with a ``layers`` axis
+    (RNG streams split L ways); also how LoRA adapters of a scanned stack are made."""
 
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_AXIS)
